@@ -1,0 +1,18 @@
+"""cascade_kernels: exact cascade attention over paged KV caches, in Triton.
+
+Attention over a request's chunked, paged KV equals attention over its whole sequence at once:
+positions are global, partial states merge exactly, and a chunk shared by many requests is read once.
+"""
+
+from ._validation import set_validation, validation_enabled
+from .merge import merge_state, merge_states
+from .types import CascadeLevel, PagedKV
+
+__all__ = [
+    "CascadeLevel",
+    "PagedKV",
+    "merge_state",
+    "merge_states",
+    "set_validation",
+    "validation_enabled",
+]

@@ -1,0 +1,35 @@
+"""Small pieces every kernel module shares: the interpreter switch and the one dot helper."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when kernels run on the CPU through ``TRITON_INTERPRET=1``."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def padded(n: int, minimum: int = 16) -> int:
+    """The power of two at least ``n`` and ``minimum``: the constexpr size a masked dimension is padded to."""
+    return max(minimum, triton.next_power_of_2(n))
+
+
+@triton.jit
+def dot(a, b, acc, INTERPRET: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation.
+
+    Under the Triton interpreter ``tl.dot`` on bf16 operands returns garbage (triton issue 11584, seen
+    with triton 3.6 and 3.9), so there, and only there, bf16 operands are upcast to fp32 first; loads,
+    stores and casts stay bf16, so bf16 is still tested on a CPU. fp32 operands use IEEE fp32 products
+    rather than tf32: a caller who passes fp32 asks for fp32 accuracy.
+    """
+    if INTERPRET and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)

@@ -5,6 +5,7 @@ positions are global, partial states merge exactly, and a chunk shared by many r
 """
 
 from ._validation import set_validation, validation_enabled
+from .attention import paged_decode, paged_prefill
 from .merge import merge_state, merge_states
 from .types import CascadeLevel, PagedKV
 
@@ -12,6 +13,8 @@ __all__ = [
     "CascadeLevel",
     "PagedKV",
     "merge_state",
+    "paged_decode",
+    "paged_prefill",
     "merge_states",
     "set_validation",
     "validation_enabled",

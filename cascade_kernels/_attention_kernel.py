@@ -1,0 +1,233 @@
+"""The paged attention kernel behind prefill, decode and every cascade level; wrappers are in ``attention.py``.
+
+One program computes, for one KV head, a tile of BLOCK_M query rows of one segment against one split of
+that segment's KV. Rows are (query token, query head of the KV head's group) pairs, token-major, so the
+query heads that share a KV head are packed into the M tile (GQA) and each KV tile is loaded once for
+the whole group: decode (one token per segment) fills a 16-row tile with a group of 4 heads.
+
+Masks compare global positions only: KV token ``j`` of segment ``s`` sits at ``start_pos[s] + j`` and is
+visible to a query at ``q_pos`` iff ``kv_pos <= q_pos`` (causal) and ``kv_pos >= q_pos - window_left``.
+The KV range a tile can see is computed from the tile's smallest and largest query positions, so tiles
+the mask hides are never loaded, and the tiles it shows entirely run without any mask arithmetic.
+
+Softmax runs in base 2 (``exp2``) on logits pre-multiplied by log2(e); the lse written out is converted
+back to the natural log. A row that sees no key keeps ``m = -inf``; the running maximum is replaced by 0
+before it is subtracted, so ``-inf - -inf`` never forms a NaN, and the row ends as ``o = 0, lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._triton import dot
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _tile_scores(q, k, q_pos, offs_n, kv_start, kv_len, qk_scale, softcap,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, window_left,
+                 HAS_SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr):
+    """Base-2 logits ``[BLOCK_M, BLOCK_N]`` of one KV tile, ``-inf`` where the mask hides a key."""
+    s = dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), INTERPRET)
+    if HAS_SOFTCAP:
+        # softcap * tanh(x / softcap), with tanh(y) = 1 - 2 / (exp(2y) + 1): right at both tails
+        # (exp2 overflows to inf -> 1, underflows to 0 -> -1) and needs no libdevice call.
+        y = s * (qk_scale / softcap)
+        s = (softcap * LOG2E) * (1.0 - 2.0 / (tl.exp2(y * (2.0 * LOG2E)) + 1.0))
+    else:
+        s = s * (qk_scale * LOG2E)
+    if MASKED:
+        kv_pos = kv_start + offs_n
+        visible = (offs_n < kv_len)[None, :]
+        if CAUSAL:
+            visible = visible & (kv_pos[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (kv_pos[None, :] >= q_pos[:, None] - window_left)
+        s = tl.where(visible, s, -float("inf"))
+    return s
+
+
+@triton.jit
+def _load_kv(ptrs, in_segment, mask_d, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """A ``[BLOCK_N, BLOCK_D]`` key or value tile; zeros outside the segment and the head dim."""
+    if MASKED:
+        return tl.load(ptrs, mask=in_segment[:, None] & mask_d[None, :], other=0.0)
+    elif EVEN_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _attend_range(
+    acc, l_i, m_i, q, q_pos,
+    k_ptr, v_ptr, page_table_ptr, page_size,
+    s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
+    offs_d, kv_start, kv_len, qk_scale, softcap, window_left,
+    lo, hi,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PAGE_ALIGNED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Online-softmax accumulation over the KV tiles starting in ``[lo, hi)`` (``lo`` BLOCK_N-aligned).
+
+    ``k_ptr``/``v_ptr`` already point at this KV head; ``page_table_ptr`` at the segment's first page id.
+    Without ``MASKED`` every key of every tile is visible to every row and inside the segment.
+    """
+    mask_d = offs_d < HEAD_DIM
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        if PAGE_ALIGNED:
+            # the whole tile lies in one page: one page-id load, then contiguous slots
+            page = tl.load(page_table_ptr + start // page_size).to(tl.int64)
+            slot = (start % page_size + tl.arange(0, BLOCK_N)).to(tl.int64)
+            k_rows = page * s_kp + slot * s_ks
+            v_rows = page * s_vp + slot * s_vs
+        else:
+            in_seg = offs_n < kv_len
+            page = tl.load(page_table_ptr + offs_n // page_size, mask=in_seg, other=0).to(tl.int64)
+            slot = (offs_n % page_size).to(tl.int64)
+            k_rows = page * s_kp + slot * s_ks
+            v_rows = page * s_vp + slot * s_vs
+        k = _load_kv(k_ptr + k_rows[:, None] + offs_d[None, :] * s_kd, offs_n < kv_len, mask_d, MASKED, EVEN_D)
+        s = _tile_scores(q, k, q_pos, offs_n, kv_start, kv_len, qk_scale, softcap,
+                         MASKED, CAUSAL, HAS_WINDOW, window_left, HAS_SOFTCAP, INTERPRET)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv(v_ptr + v_rows[:, None] + offs_d[None, :] * s_vd, offs_n < kv_len, mask_d, MASKED, EVEN_D)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], INTERPRET)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,            # [num_tokens, num_q_heads, head_dim]
+    q_pos_ptr,        # [num_tokens] int32
+    qo_indptr_ptr,    # [S + 1] int32
+    tile_indptr_ptr,  # [S + 1] int32: work tiles of segments before s (cumulative)
+    k_ptr, v_ptr,     # [num_pages, page_size, num_kv_heads, head_dim], any strides
+    kv_indptr_ptr,    # [S + 1] int32
+    kv_indices_ptr,   # [num_used_pages] int32
+    kv_lens_ptr,      # [S] int32
+    kv_start_ptr,     # [S] int32
+    sinks_ptr,        # [num_q_heads] fp32, read only when HAS_SINKS
+    o_ptr,            # final: [num_tokens, num_q_heads, head_dim]; split: [num_tokens, slots, num_q_heads, head_dim] fp32
+    lse_ptr,          # final: [num_tokens, num_q_heads] fp32; split: [num_tokens, slots, num_q_heads] fp32
+    num_segments, num_splits, page_size, qk_scale, softcap, window_left, slot_offset,
+    s_qt, s_qh, s_qd,
+    s_kp, s_ks, s_kh, s_kd,
+    s_vp, s_vs, s_vh, s_vd,
+    s_ot, s_oslot, s_oh, s_od,
+    s_lt, s_lslot, s_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    PAGE_ALIGNED: tl.constexpr, REVERSE_TILES: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Grid ``(work tiles, num_kv_heads, num_splits)``. Writes normalised ``o`` and natural-log ``lse`` of
+    its rows for its split (slot ``slot_offset + split``); the wrapper merges splits when there are several.
+    """
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads HEAD_DIM")
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # Find the segment owning this work tile: binary search of tile_indptr (no host-side work list).
+    lo_s = 0
+    hi_s = num_segments
+    while lo_s < hi_s:
+        mid = (lo_s + hi_s) // 2
+        if tl.load(tile_indptr_ptr + mid + 1) <= tile:
+            lo_s = mid + 1
+        else:
+            hi_s = mid
+    seg = lo_s
+    if seg >= num_segments:
+        return  # the grid is an upper bound on the number of tiles
+    first_tile = tl.load(tile_indptr_ptr + seg)
+    num_tiles = tl.load(tile_indptr_ptr + seg + 1) - first_tile
+    local = tile - first_tile
+    if REVERSE_TILES:
+        local = num_tiles - 1 - local  # causal: the last rows see the most keys, start them first
+
+    q_start = tl.load(qo_indptr_ptr + seg)
+    q_len = tl.load(qo_indptr_ptr + seg + 1) - q_start
+    rows = local * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len * GROUP
+    token = (q_start + rows // GROUP).to(tl.int64)
+    head = (kv_head * GROUP + rows % GROUP).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + token[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd,
+                mask=row_ok[:, None] & mask_d[None, :], other=0.0)
+    q_pos = tl.load(q_pos_ptr + token, mask=row_ok, other=0)
+
+    # The KV range [lo, hi) some row of this tile can see, and the part [full_lo, full_hi) every row sees.
+    kv_len = tl.load(kv_lens_ptr + seg)
+    kv_start = tl.load(kv_start_ptr + seg)
+    lo = 0
+    hi = kv_len
+    full_lo = 0
+    full_hi = kv_len
+    if CAUSAL:
+        q_max = tl.max(tl.where(row_ok, q_pos, -2147483647), 0)
+        q_min = tl.min(tl.where(row_ok, q_pos, 2147483647), 0)
+        hi = tl.minimum(kv_len, tl.maximum(q_max - kv_start + 1, 0))
+        full_hi = tl.minimum(hi, tl.maximum(q_min - kv_start + 1, 0))
+        if HAS_WINDOW:
+            lo = tl.minimum(tl.maximum(q_min - window_left - kv_start, 0), hi)
+            full_lo = tl.minimum(tl.maximum(q_max - window_left - kv_start, lo), hi)
+    # This program's split of [lo, hi), in whole KV tiles.
+    lo = lo // BLOCK_N * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
+    a = tl.minimum(lo + split * per_split, hi)
+    b = tl.minimum(a + per_split, hi)
+    # Unmasked middle: whole tiles inside [full_lo, full_hi); masked before and after it.
+    mid_lo = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, a), b)
+    mid_hi = tl.maximum(tl.minimum(full_hi // BLOCK_N * BLOCK_N, b), mid_lo)
+
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    page_table = kv_indices_ptr + tl.load(kv_indptr_ptr + seg)
+    k_head = k_ptr + kv_head.to(tl.int64) * s_kh
+    v_head = v_ptr + kv_head.to(tl.int64) * s_vh
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
+        offs_d, kv_start, kv_len, qk_scale, softcap, window_left, a, mid_lo,
+        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, INTERPRET)
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
+        offs_d, kv_start, kv_len, qk_scale, softcap, window_left, mid_lo, mid_hi,
+        False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, INTERPRET)
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
+        offs_d, kv_start, kv_len, qk_scale, softcap, window_left, mid_hi, b,
+        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, INTERPRET)
+
+    if HAS_SINKS:
+        # One more logit per head, value vector zero: it only grows the denominator. Applied only
+        # when this launch writes final states (a split launch leaves it to the merge).
+        sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0) * LOG2E
+        m_f = tl.maximum(m_i, sink)
+        m_f = tl.where(m_f == -float("inf"), 0.0, m_f)
+        scale = tl.exp2(m_i - m_f)
+        acc = acc * scale[:, None]
+        l_i = l_i * scale + tl.exp2(sink - m_f)
+        m_i = m_f
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, -float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+
+    slot = (slot_offset + split).to(tl.int64)
+    tl.store(o_ptr + token[:, None] * s_ot + slot * s_oslot + head[:, None] * s_oh + offs_d[None, :] * s_od,
+             o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & mask_d[None, :])
+    tl.store(lse_ptr + token * s_lt + slot * s_lslot + head * s_lh, lse, mask=row_ok)

@@ -1,0 +1,288 @@
+"""Paged prefill and paged decode: argument checks, launch decisions, and the launch itself.
+
+Both entry points run the one kernel in ``_attention_kernel.py``. They differ only in the tile shape
+(prefill packs many query tokens into a tile, decode one token times its GQA group) and in how the KV of
+a segment is split across programs (decode splits long segments so a small batch still fills the GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ._attention_kernel import _paged_attention_kernel
+from ._triton import interpreting, padded
+from ._validation import FLOAT_DTYPES, check_head_counts, check_indptr, check_options, check_tensor
+from .merge import _launch_merge_states
+from .types import PagedKV
+
+__all__ = ["paged_prefill", "paged_decode"]
+
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class Options:
+    """The attention options every launch shares, already checked."""
+
+    causal: bool
+    sm_scale: float
+    window_left: int | None
+    softcap: float | None
+    sinks: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch parameters of the attention kernel: tile sizes, warps, software-pipelining depth."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of the problem that every kernel decision depends on."""
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    num_pages: int
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small stand-in on the CPU, where the interpreter runs)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def heuristic_config(kind: str, head_dim: int, group: int, dtype: torch.dtype) -> TileConfig:
+    """Tile sizes used when no tuned config matches (see ``configs.py``).
+
+    prefill: 128 query rows (tokens x GQA group) against 64 keys, 8 warps for head_dim > 64; the fp32
+    path halves the tiles to stay inside shared memory. decode: the GQA group padded to 16 rows (the
+    smallest ``tl.dot``), 64 keys, 4 warps.
+    """
+    wide = padded(head_dim) > 128 or dtype == torch.float32
+    if kind == "decode":
+        return TileConfig(block_m=min(64, padded(group)), block_n=32 if wide else 64, num_warps=4, num_stages=2)
+    if interpreting():
+        return TileConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+    if wide:
+        return TileConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return TileConfig(block_m=128, block_n=64, num_warps=8 if head_dim > 64 else 4, num_stages=2)
+
+
+def check_attention_args(q, q_pos, k_cache, v_cache, kv, *, causal, sm_scale, window_left, softcap, sinks):
+    """Checks shared by prefill and decode; returns ``(Geometry, Options)``."""
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    num_tokens, num_q_heads, head_dim = q.shape
+    device = q.device
+    check_tensor("q_pos", q_pos, dtypes=(torch.int32,), shape=(num_tokens,), device=device)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=device)
+    num_pages, page_size, num_kv_heads, cache_dim = k_cache.shape
+    if cache_dim != head_dim:
+        raise ValueError(f"k_cache head_dim must equal q's ({head_dim}), got shape {list(k_cache.shape)}")
+    check_tensor("v_cache", v_cache, dtypes=(q.dtype,), shape=tuple(k_cache.shape), device=device)
+    if not isinstance(kv, PagedKV):
+        raise TypeError(f"kv must be a PagedKV, got {type(kv).__name__}")
+    if kv.device != device:
+        raise ValueError(f"kv must be on {device}, got {kv.device}")
+    if not 16 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [16, {MAX_HEAD_DIM}], got {head_dim}")
+    if page_size < 1:
+        raise ValueError(f"k_cache page_size must be >= 1, got {page_size}")
+    check_head_counts(num_q_heads, num_kv_heads)
+    scale = check_options(causal=causal, sm_scale=sm_scale, window_left=window_left, softcap=softcap,
+                          sinks=sinks, num_q_heads=num_q_heads, head_dim=head_dim, device=device)
+    kv.check_pages(page_size, num_pages)
+    geometry = Geometry(num_q_heads, num_kv_heads, head_dim, page_size, num_pages)
+    options = Options(causal, scale, window_left, None if softcap is None else float(softcap), sinks)
+    return geometry, options
+
+
+def _check_num_splits(num_splits):
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or num_splits < 1):
+        raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
+
+
+def choose_splits(num_programs: int, max_kv_len: int, block_n: int, device: torch.device) -> int:
+    """Splits per segment so that about two waves of programs fill the GPU, each split >= 4 KV tiles."""
+    if num_programs <= 0 or max_kv_len <= 0:
+        return 1
+    wanted = math.ceil(2 * num_sms(device) / num_programs)
+    return max(1, min(wanted, math.ceil(max_kv_len / (4 * block_n)), 256))
+
+
+def launch_attention(
+    q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options, config,
+    num_splits, o, lse, slot_offset=0, apply_sinks=True, reverse_tiles=False,
+):
+    """Launch the kernel once; no checks, no allocation.
+
+    ``o``/``lse`` are either the final ``[N, Hq, D]``/``[N, Hq]`` outputs (one split) or the fp32
+    split scratch ``[N, slots, Hq, D]``/``[N, slots, Hq]``, written at slots ``slot_offset + split``.
+    """
+    if o.dim() == 3:
+        s_ot, s_oh, s_od = o.stride()
+        s_oslot = 0
+        s_lt, s_lh = lse.stride()
+        s_lslot = 0
+    else:
+        s_ot, s_oslot, s_oh, s_od = o.stride()
+        s_lt, s_lslot, s_lh = lse.stride()
+    has_sinks = apply_sinks and options.sinks is not None
+    grid = (num_tiles, geometry.num_kv_heads, num_splits)
+    _paged_attention_kernel[grid](
+        q, q_pos, qo_indptr, tile_indptr, k_cache, v_cache,
+        kv.indptr, kv.indices, kv.lens, kv.start_pos,
+        options.sinks if has_sinks else lse, o, lse,
+        kv.num_segments, num_splits, geometry.page_size, options.sm_scale,
+        options.softcap or 1.0, options.window_left or 0, slot_offset,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
+        GROUP=geometry.group, HEAD_DIM=geometry.head_dim, BLOCK_D=padded(geometry.head_dim),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        CAUSAL=options.causal, HAS_WINDOW=options.window_left is not None,
+        HAS_SOFTCAP=options.softcap is not None, HAS_SINKS=has_sinks,
+        PAGE_ALIGNED=geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles,
+        INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def _run(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options, config,
+         num_splits, reverse_tiles):
+    """Allocate outputs (and split scratch), launch, merge the splits."""
+    num_tokens = q.shape[0]
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((num_tokens, geometry.num_q_heads), dtype=torch.float32, device=q.device)
+    if num_tokens == 0:
+        return o, lse
+    if num_splits == 1:
+        launch_attention(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options,
+                         config, 1, o, lse, reverse_tiles=reverse_tiles)
+        return o, lse
+    o_part = torch.empty((num_tokens, num_splits, geometry.num_q_heads, geometry.head_dim),
+                         dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((num_tokens, num_splits, geometry.num_q_heads), dtype=torch.float32, device=q.device)
+    launch_attention(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options,
+                     config, num_splits, o_part, lse_part, apply_sinks=False, reverse_tiles=reverse_tiles)
+    return _launch_merge_states(o_part, lse_part, (o, lse), options.sinks)
+
+
+def paged_prefill(q, q_pos, qo_indptr, k_cache, v_cache, kv, *, causal=True, sm_scale=None, window_left=None,
+                  softcap=None, sinks=None, num_splits=None):
+    """Attention of ragged query segments, each against its own segment of a paged KV cache.
+
+    Query segment ``s`` (``q[qo_indptr[s]:qo_indptr[s + 1]]``) attends to KV segment ``s`` of ``kv``;
+    a key is visible iff ``kv_pos <= q_pos`` (``causal``) and ``kv_pos >= q_pos - window_left``, with
+    positions global (queries may sit before, inside or after their KV, with gaps).
+
+    Parameters
+    ----------
+    q : ``[num_tokens, num_q_heads, head_dim]`` fp16/bf16/fp32, any strides; ``16 <= head_dim <= 256``.
+    q_pos : ``[num_tokens]`` int32 global positions.
+    qo_indptr : ``[S + 1]`` int32, non-decreasing from 0 to ``num_tokens``.
+    k_cache, v_cache : ``[num_pages, page_size, num_kv_heads, head_dim]``, q's dtype, any strides (an HND
+        cache as ``.transpose(1, 2)``, one half of a fused cache); ``num_q_heads % num_kv_heads == 0``.
+    kv : PagedKV with ``S`` segments.
+    causal, sm_scale, window_left, softcap, sinks : as in the contract (``sm_scale`` defaults to
+        ``head_dim ** -0.5``; ``sinks`` is ``[num_q_heads]`` fp32).
+    num_splits : KV splits per segment (None: chosen from the work against the GPU's SMs).
+
+    Returns
+    -------
+    o : ``[num_tokens, num_q_heads, head_dim]`` in q's dtype, normalised.
+    lse : ``[num_tokens, num_q_heads]`` fp32, natural log of the sum of exp of the scaled logits (sinks
+        included); ``-inf`` (with ``o = 0``) where no key is visible.
+
+    Examples
+    --------
+    >>> import torch, cascade_kernels as ck
+    >>> i32 = lambda *v: torch.tensor(v, dtype=torch.int32)
+    >>> k_cache, v_cache = torch.randn(2, 8, 16, 2, 64).unbind(0)        # 8 pages of 16 slots, 2 KV heads
+    >>> kv = ck.PagedKV(indptr=i32(0, 2), indices=i32(5, 1), lens=i32(20), start_pos=i32(0))
+    >>> q = torch.randn(4, 8, 64)                                          # 4 tokens, 8 query heads
+    >>> o, lse = ck.paged_prefill(q, i32(16, 17, 18, 19), i32(0, 4), k_cache, v_cache, kv)  # doctest: +SKIP
+    """
+    geometry, options = check_attention_args(q, q_pos, k_cache, v_cache, kv, causal=causal, sm_scale=sm_scale,
+                                             window_left=window_left, softcap=softcap, sinks=sinks)
+    num_segments = kv.num_segments
+    check_tensor("qo_indptr", qo_indptr, dtypes=(torch.int32,), shape=(num_segments + 1,), device=q.device)
+    check_indptr("qo_indptr", qo_indptr, end=q.shape[0], end_name="num_tokens")
+    _check_num_splits(num_splits)
+    config = heuristic_config("prefill", geometry.head_dim, geometry.group, q.dtype)
+    # Work tiles per segment, counted on the device (no host sync); the grid is an upper bound on them.
+    rows = (qo_indptr[1:] - qo_indptr[:-1]) * geometry.group
+    tile_indptr = torch.zeros(num_segments + 1, dtype=torch.int32, device=q.device)
+    torch.cumsum(triton.cdiv(rows, config.block_m), 0, dtype=torch.int32, out=tile_indptr[1:])
+    num_tiles = triton.cdiv(q.shape[0] * geometry.group, config.block_m) + num_segments
+    if num_splits is None:
+        max_kv = kv.indices.numel() * geometry.page_size  # an upper bound known without a sync
+        num_splits = choose_splits(num_tiles * geometry.num_kv_heads, max_kv, config.block_n, q.device)
+    return _run(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options, config,
+                num_splits, reverse_tiles=causal)
+
+
+def paged_decode(q, q_pos, k_cache, v_cache, kv, *, causal=True, sm_scale=None, window_left=None, softcap=None,
+                 sinks=None, num_splits=None):
+    """Attention of one query token per segment (a decode step) against a paged KV cache, split-KV.
+
+    The query heads that share a KV head run in one program, so each KV byte is read once; long
+    segments are cut into ``num_splits`` parts processed in parallel and merged.
+
+    Parameters
+    ----------
+    q : ``[S, num_q_heads, head_dim]``: token ``s`` reads KV segment ``s``.
+    q_pos : ``[S]`` int32 global positions.
+    k_cache, v_cache, kv, causal, sm_scale, window_left, softcap, sinks : as in :func:`paged_prefill`.
+    num_splits : KV splits per segment (None: chosen from ``S x num_kv_heads`` against the GPU's SMs).
+
+    Returns
+    -------
+    o : ``[S, num_q_heads, head_dim]`` in q's dtype; lse : ``[S, num_q_heads]`` fp32 natural log,
+    ``-inf`` with ``o = 0`` where no key is visible.
+
+    Examples
+    --------
+    >>> import torch, cascade_kernels as ck
+    >>> i32 = lambda *v: torch.tensor(v, dtype=torch.int32)
+    >>> k_cache, v_cache = torch.randn(2, 8, 16, 2, 64).unbind(0)
+    >>> kv = ck.PagedKV(indptr=i32(0, 2, 3), indices=i32(5, 1, 7), lens=i32(20, 9), start_pos=i32(0, 0))
+    >>> o, lse = ck.paged_decode(torch.randn(2, 8, 64), i32(19, 8), k_cache, v_cache, kv)  # doctest: +SKIP
+    """
+    geometry, options = check_attention_args(q, q_pos, k_cache, v_cache, kv, causal=causal, sm_scale=sm_scale,
+                                             window_left=window_left, softcap=softcap, sinks=sinks)
+    num_segments = kv.num_segments
+    if q.shape[0] != num_segments:
+        raise ValueError(f"q must hold one token per kv segment ({num_segments}), got {q.shape[0]}")
+    _check_num_splits(num_splits)
+    config = heuristic_config("decode", geometry.head_dim, geometry.group, q.dtype)
+    tiles_per_token = triton.cdiv(geometry.group, config.block_m)
+    qo_indptr, tile_indptr = decode_indptrs(num_segments, tiles_per_token, q.device)
+    if num_splits is None:
+        max_kv = kv.indices.numel() * geometry.page_size
+        num_splits = choose_splits(num_segments * tiles_per_token * geometry.num_kv_heads, max_kv,
+                                   config.block_n, q.device)
+    return _run(q, q_pos, qo_indptr, tile_indptr, num_segments * tiles_per_token, k_cache, v_cache, kv, geometry,
+                options, config, num_splits, reverse_tiles=False)
+
+
+def decode_indptrs(num_segments: int, tiles_per_token: int, device: torch.device):
+    """``qo_indptr`` (one token per segment) and ``tile_indptr`` of a decode batch."""
+    qo_indptr = torch.arange(num_segments + 1, dtype=torch.int32, device=device)
+    return qo_indptr, qo_indptr * tiles_per_token

@@ -7,6 +7,7 @@ positions are global, partial states merge exactly, and a chunk shared by many r
 from ._validation import set_validation, validation_enabled
 from .attention import paged_decode, paged_prefill
 from .merge import merge_state, merge_states
+from .rope import append_kv, apply_rope, paged_slots, rotate_keys
 from .types import CascadeLevel, PagedKV
 
 __all__ = [
@@ -17,5 +18,9 @@ __all__ = [
     "paged_prefill",
     "merge_states",
     "set_validation",
+    "apply_rope",
+    "append_kv",
+    "paged_slots",
+    "rotate_keys",
     "validation_enabled",
 ]

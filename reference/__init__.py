@@ -15,7 +15,13 @@ import math
 
 import torch
 
+from .rope import append_kv, apply_rope, paged_slots, rotate_keys
+
 __all__ = [
+    "apply_rope",
+    "append_kv",
+    "paged_slots",
+    "rotate_keys",
     "attention",
     "gather_segment",
     "paged_prefill",

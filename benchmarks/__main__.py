@@ -91,14 +91,17 @@ def main(argv=None) -> int:
     rows, tables = [], []
     try:
         for name in args.suites or SUITE_NAMES:
+            footnote = ""
             try:
-                suite_rows = run_suite(load(name), ctx, only)
+                suite = load(name)
+                footnote = getattr(suite, "FOOTNOTE", "")
+                suite_rows = run_suite(suite, ctx, only)
             except Exception as e:  # a broken suite is reported and skipped, never the end of the run
                 ctx.note(name, f"suite failed: {type(e).__name__}: {str(e)[:300]}")
                 print(traceback.format_exc(limit=6))
                 suite_rows = []
             rows += suite_rows
-            tables.append(report.markdown(name, suite_rows, ctx.notes.get(name, []), ceilings))
+            tables.append(report.markdown(name, suite_rows, ctx.notes.get(name, []), ceilings, footnote))
             print("\n" + tables[-1])
             if out is not None:  # after every suite, so that a run cut short still leaves its files
                 report.write_json_list(out / "results.json", report.json_rows(rows, env), append=False)

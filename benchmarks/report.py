@@ -77,7 +77,7 @@ def _f(x, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
 
 
-def markdown(suite: str, rows: list, notes: list[str], ceilings) -> str:
+def markdown(suite: str, rows: list, notes: list[str], ceilings, footnote: str = "") -> str:
     """One suite's table: both medians, spread, rates, fraction of the ceiling, ratio to ours, floor, plan."""
     out = [f"### {suite}", ""]
     if rows:
@@ -94,7 +94,8 @@ def markdown(suite: str, rows: list, notes: list[str], ceilings) -> str:
         out.append("us: the lower of two medians; x ours: time over our kernel's time (>1: slower than ours); "
                    "floor: bytes over the bandwidth ceiling or FLOPs over the matmul ceiling, the larger; "
                    "of ceiling: the suite's rate (TFLOP/s for prefill, TB/s otherwise) over its ceiling; "
-                   "plan: host-side planning, wall clock, not in us; our kernels timed with validation off.")
+                   "plan: host-side planning, wall clock, not in us; our kernels timed with validation off."
+                   + (f" {footnote}" if footnote else ""))
     else:
         out.append("(no rows)")
     if notes:

@@ -105,11 +105,12 @@ def _sdpa_impl(data, backends, kv_fn, label_note, kv_static):
     try:
         run()
     except RuntimeError as first:
-        run = make(repeat=True)
         try:
+            run = make(repeat=True)
             run()
         except RuntimeError:
-            raise first from None
+            # the backend refuses this case (shape, mask, GQA): not applicable here, say why
+            raise Unavailable(f"backend refused: {str(first).strip().splitlines()[0][:200]}") from None
         note = f"{label_note}; GQA refused: KV heads repeated x{group}"
     return Impl(run=run, finish=grouped.finish, note=note)
 

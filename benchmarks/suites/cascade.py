@@ -22,6 +22,8 @@ REQUIRES = ("plan_cascade",)
 METRIC = "bytes"
 PAGE = 16
 CROSSOVER_PREFIXES = [128 << i for i in range(9)]  # 128 .. 32768
+FOOTNOTE = ("Here TB/s is the byte lower bound (prefix once + each request's own KV) over the time, so "
+            "'of ceiling' is that bound at the read ceiling over the time; floor also counts FLOPs.")
 
 
 def _case(prefix: int, suffix: int, batch: int, crossover: bool = False) -> Case:

@@ -6,12 +6,16 @@ positions are global, partial states merge exactly, and a chunk shared by many r
 
 from ._validation import set_validation, validation_enabled
 from .attention import paged_decode, paged_prefill
+from .cascade import CascadePlan, cascade_attention, plan_cascade
 from .merge import merge_state, merge_states
 from .rope import append_kv, apply_rope, paged_slots, rotate_keys
 from .types import CascadeLevel, PagedKV
 
 __all__ = [
     "CascadeLevel",
+    "CascadePlan",
+    "cascade_attention",
+    "plan_cascade",
     "PagedKV",
     "merge_state",
     "paged_decode",

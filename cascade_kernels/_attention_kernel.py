@@ -22,8 +22,8 @@ import triton.language as tl
 
 from ._triton import dot
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -51,14 +51,55 @@ def _tile_scores(q, k, q_pos, offs_n, kv_start, kv_len, qk_scale, softcap,
 
 
 @triton.jit
-def _load_kv(ptrs, in_segment, mask_d, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
-    """A ``[BLOCK_N, BLOCK_D]`` key or value tile; zeros outside the segment and the head dim."""
-    if MASKED:
-        return tl.load(ptrs, mask=in_segment[:, None] & mask_d[None, :], other=0.0)
+def _live_rows(start, kv_len, limit, BLOCK_N: tl.constexpr):
+    """``[BLOCK_N]`` mask: rows inside the segment, of a tile that starts before ``limit``."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    return (offs_n < kv_len) & ((start + tl.zeros([BLOCK_N], tl.int32)) < limit)
+
+
+@triton.jit
+def _tile_rows(page_table_ptr, start, kv_len, limit, page_size, s_p, s_s,
+               BLOCK_N: tl.constexpr, PAGE_ALIGNED: tl.constexpr):
+    """Cache row offsets ``[BLOCK_N]`` (int64) of KV tokens ``start ... start + BLOCK_N - 1`` of a segment.
+
+    A tile starting at or past ``limit`` (a prefetch past the loop's end) reads no page id.
+    """
+    offs_n = start + tl.arange(0, BLOCK_N)
+    ok = _live_rows(start, kv_len, limit, BLOCK_N)
+    if PAGE_ALIGNED:
+        # the whole tile lies in one page: every row reads the same page id (one cache line), and the
+        # slots are contiguous
+        page_entry = start // page_size + tl.zeros([BLOCK_N], tl.int32)
+        slot = (start % page_size + tl.arange(0, BLOCK_N)).to(tl.int64)
+    else:
+        page_entry = offs_n // page_size
+        slot = (offs_n % page_size).to(tl.int64)
+    page = tl.load(page_table_ptr + page_entry, mask=ok, other=0).to(tl.int64)
+    return page * s_p + slot * s_s
+
+
+@triton.jit
+def _load_kv(ptrs, row_ok, mask_d, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
+    """A ``[BLOCK_N, BLOCK_D]`` key or value tile; zeros outside ``row_ok`` (when ROW_MASK) and the head dim."""
+    if ROW_MASK:
+        return tl.load(ptrs, mask=row_ok[:, None] & mask_d[None, :], other=0.0)
     elif EVEN_D:
         return tl.load(ptrs)
     else:
         return tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _load_tile(k_ptr, v_ptr, page_table_ptr, start, kv_len, limit, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
+               offs_d, mask_d, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               PAGE_ALIGNED: tl.constexpr):
+    """Key and value tiles ``[BLOCK_N, BLOCK_D]`` of KV tokens from ``start``; both loads issued together."""
+    row_ok = _live_rows(start, kv_len, limit, BLOCK_N)
+    k_rows = _tile_rows(page_table_ptr, start, kv_len, limit, page_size, s_kp, s_ks, BLOCK_N, PAGE_ALIGNED)
+    v_rows = _tile_rows(page_table_ptr, start, kv_len, limit, page_size, s_vp, s_vs, BLOCK_N, PAGE_ALIGNED)
+    k = _load_kv(k_ptr + k_rows[:, None] + offs_d[None, :] * s_kd, row_ok, mask_d, ROW_MASK, EVEN_D)
+    v = _load_kv(v_ptr + v_rows[:, None] + offs_d[None, :] * s_vd, row_ok, mask_d, ROW_MASK, EVEN_D)
+    return k, v
 
 
 @triton.jit
@@ -70,29 +111,32 @@ def _attend_range(
     lo, hi,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     PAGE_ALIGNED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Online-softmax accumulation over the KV tiles starting in ``[lo, hi)`` (``lo`` BLOCK_N-aligned).
 
     ``k_ptr``/``v_ptr`` already point at this KV head; ``page_table_ptr`` at the segment's first page id.
     Without ``MASKED`` every key of every tile is visible to every row and inside the segment.
+    With ``PREFETCH`` the next tile's keys and values are loaded into registers before this tile is
+    computed, so a memory-bound program (decode) always has a tile in flight; otherwise the compiler's
+    software pipeline (``num_stages``) overlaps loads and math.
     """
     mask_d = offs_d < HEAD_DIM
+    if PREFETCH:
+        k_next, v_next = _load_tile(k_ptr, v_ptr, page_table_ptr, lo, kv_len, hi, page_size,
+                                    s_kp, s_ks, s_kd, s_vp, s_vs, s_vd, offs_d, mask_d,
+                                    True, EVEN_D, BLOCK_N, PAGE_ALIGNED)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        if PAGE_ALIGNED:
-            # the whole tile lies in one page: one page-id load, then contiguous slots
-            page = tl.load(page_table_ptr + start // page_size).to(tl.int64)
-            slot = (start % page_size + tl.arange(0, BLOCK_N)).to(tl.int64)
-            k_rows = page * s_kp + slot * s_ks
-            v_rows = page * s_vp + slot * s_vs
+        if PREFETCH:
+            k = k_next
+            v = v_next
+            k_next, v_next = _load_tile(k_ptr, v_ptr, page_table_ptr, start + BLOCK_N, kv_len, hi, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
+                                        offs_d, mask_d, True, EVEN_D, BLOCK_N, PAGE_ALIGNED)
         else:
-            in_seg = offs_n < kv_len
-            page = tl.load(page_table_ptr + offs_n // page_size, mask=in_seg, other=0).to(tl.int64)
-            slot = (offs_n % page_size).to(tl.int64)
-            k_rows = page * s_kp + slot * s_ks
-            v_rows = page * s_vp + slot * s_vs
-        k = _load_kv(k_ptr + k_rows[:, None] + offs_d[None, :] * s_kd, offs_n < kv_len, mask_d, MASKED, EVEN_D)
+            k, v = _load_tile(k_ptr, v_ptr, page_table_ptr, start, kv_len, hi, page_size,
+                              s_kp, s_ks, s_kd, s_vp, s_vs, s_vd, offs_d, mask_d,
+                              MASKED or (not EVEN_D), EVEN_D, BLOCK_N, PAGE_ALIGNED)
         s = _tile_scores(q, k, q_pos, offs_n, kv_start, kv_len, qk_scale, softcap,
                          MASKED, CAUSAL, HAS_WINDOW, window_left, HAS_SOFTCAP, INTERPRET)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -100,7 +144,6 @@ def _attend_range(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv(v_ptr + v_rows[:, None] + offs_d[None, :] * s_vd, offs_n < kv_len, mask_d, MASKED, EVEN_D)
         acc = dot(p.to(v.dtype), v, acc * alpha[:, None], INTERPRET)
         m_i = m_new
     return acc, l_i, m_i
@@ -129,7 +172,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    PAGE_ALIGNED: tl.constexpr, REVERSE_TILES: tl.constexpr, INTERPRET: tl.constexpr,
+    PAGE_ALIGNED: tl.constexpr, REVERSE_TILES: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Grid ``(work tiles, num_kv_heads, num_splits)``. Writes normalised ``o`` and natural-log ``lse`` of
     its rows for its split (slot ``slot_offset + split``); the wrapper merges splits when there are several.
@@ -203,15 +246,15 @@ def _paged_attention_kernel(
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
         offs_d, kv_start, kv_len, qk_scale, softcap, window_left, a, mid_lo,
-        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, INTERPRET)
+        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, INTERPRET)
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
         offs_d, kv_start, kv_len, qk_scale, softcap, window_left, mid_lo, mid_hi,
-        False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, INTERPRET)
+        False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, INTERPRET)
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
         offs_d, kv_start, kv_len, qk_scale, softcap, window_left, mid_hi, b,
-        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, INTERPRET)
+        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, INTERPRET)
 
     if HAS_SINKS:
         # One more logit per head, value vector zero: it only grows the denominator. Applied only

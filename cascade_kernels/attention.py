@@ -44,6 +44,7 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    prefetch: bool = False  # load the next KV tile into registers before computing this one
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ def heuristic_config(kind: str, head_dim: int, group: int, dtype: torch.dtype) -
     """
     wide = padded(head_dim) > 128 or dtype == torch.float32
     if kind == "decode":
-        return TileConfig(block_m=min(64, padded(group)), block_n=32 if wide else 64, num_warps=4, num_stages=2)
+        return TileConfig(block_m=min(64, padded(group)), block_n=32 if wide else 64, num_warps=4, num_stages=1,
+                          prefetch=True)
     if interpreting():
         return TileConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
     if wide:
@@ -159,7 +161,7 @@ def launch_attention(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=options.causal, HAS_WINDOW=options.window_left is not None,
         HAS_SOFTCAP=options.softcap is not None, HAS_SINKS=has_sinks,
-        PAGE_ALIGNED=geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles,
+        PAGE_ALIGNED=geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles, PREFETCH=config.prefetch,
         INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
     )
 

@@ -1,0 +1,257 @@
+"""Cascade attention: every level of a chunked, paged KV in one plan, merged into one exact result.
+
+A token's keys are the union of its segments at every level (a shared system prompt, a shared
+document, its own tokens). Each level runs the paged attention kernel once for the whole batch: a level
+shared by many tokens is one prefill-style pass whose query tiles hold all those tokens (times their GQA
+group), so the shared KV is read once per batch rather than once per request. Every level (and every
+KV split of a level) writes its partial state ``(o, lse)`` into a slot of one fp32 scratch buffer, and
+one merge pass combines the slots, counting attention sinks once.
+
+``plan_cascade`` does the host-side work once per batch: it validates the levels, reads their sizes,
+picks each level's kernel shape and split count, builds the work lists and allocates the scratch and
+outputs. ``CascadePlan.run`` then only launches kernels: no host-device synchronisation and no
+allocation, so it can be captured in a CUDA graph and replayed with new ``q``, ``q_pos`` and cache
+contents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .attention import (
+    Geometry,
+    Options,
+    TileConfig,
+    choose_splits,
+    heuristic_config,
+    launch_attention,
+)
+from ._validation import FLOAT_DTYPES, check_head_counts, check_options, check_tensor, validation
+from .merge import _launch_merge_states
+from .types import CascadeLevel, PagedKV
+
+__all__ = ["CascadePlan", "plan_cascade", "cascade_attention"]
+
+
+@dataclass(frozen=True)
+class LevelLaunch:
+    """What the plan decided for one level: kernel shape, work list, splits and scratch slots."""
+
+    qo_indptr: torch.Tensor
+    tile_indptr: torch.Tensor  # [S + 1] int32 on the device: work tiles before each segment
+    num_tiles: int
+    kv: PagedKV
+    kind: str  # "decode" (at most one query token per segment) or "prefill"
+    config: TileConfig
+    num_splits: int
+    slot_offset: int
+    max_kv_len: int
+
+
+def _host(t: torch.Tensor) -> list[int]:
+    return t.detach().to("cpu", torch.int64).tolist()
+
+
+class CascadePlan:
+    """Host-side decisions for one batch of a cascade; :meth:`run` only launches kernels.
+
+    Build it with :func:`plan_cascade`. ``run`` writes into buffers the plan owns and returns them, so
+    the outputs of one ``run`` are overwritten by the next (pass ``out=`` to keep them apart).
+    """
+
+    def __init__(self, levels, geometry: Geometry, options: Options, dtype: torch.dtype, num_tokens: int,
+                 device: torch.device):
+        self.geometry = geometry
+        self.options = options
+        self.dtype = dtype
+        self.num_tokens = num_tokens
+        self.device = device
+        self.launches: list[LevelLaunch] = []
+        slot = 0
+        for level in levels:
+            launch = self._plan_level(level, slot)
+            self.launches.append(launch)
+            slot += launch.num_splits
+        self.num_slots = slot
+        g = geometry
+        self.o = torch.empty((num_tokens, g.num_q_heads, g.head_dim), dtype=dtype, device=device)
+        self.lse = torch.empty((num_tokens, g.num_q_heads), dtype=torch.float32, device=device)
+        if self.direct:
+            self.o_part = self.lse_part = None
+        else:
+            self.o_part = torch.empty((num_tokens, slot, g.num_q_heads, g.head_dim), dtype=torch.float32,
+                                      device=device)
+            self.lse_part = torch.empty((num_tokens, slot, g.num_q_heads), dtype=torch.float32, device=device)
+
+    @property
+    def direct(self) -> bool:
+        """One level, one split: the kernel writes the final output itself and no merge runs."""
+        return self.num_slots == 1
+
+    def _plan_level(self, level: CascadeLevel, slot_offset: int) -> LevelLaunch:
+        g = self.geometry
+        q_lens = [b - a for a, b in zip(*(lambda p: (p[:-1], p[1:]))(_host(level.qo_indptr)))]
+        kv_lens = _host(level.kv.lens)
+        kind = "decode" if max(q_lens, default=0) <= 1 else "prefill"
+        config = heuristic_config(kind, g.head_dim, g.group, self.dtype)
+        tiles = [triton.cdiv(n * g.group, config.block_m) for n in q_lens]
+        tile_indptr = [0]
+        for t in tiles:
+            tile_indptr.append(tile_indptr[-1] + t)
+        num_tiles = tile_indptr[-1]
+        max_kv = max((n for n, t in zip(kv_lens, tiles) if t), default=0)
+        num_splits = choose_splits(num_tiles * g.num_kv_heads, max_kv, config.block_n, self.device)
+        return LevelLaunch(
+            qo_indptr=level.qo_indptr,
+            tile_indptr=torch.tensor(tile_indptr, dtype=torch.int32, device=self.device),
+            num_tiles=num_tiles, kv=level.kv, kind=kind, config=config, num_splits=num_splits,
+            slot_offset=slot_offset, max_kv_len=max_kv,
+        )
+
+    def run(self, q, q_pos, k_cache, v_cache, *, out=None):
+        """Attention of ``q`` over every level; returns ``(o [N, Hq, D], lse [N, Hq] fp32)``.
+
+        Checks only metadata (shapes, dtypes, devices) against the plan: no synchronisation, no
+        allocation. ``out=(o, lse)`` writes elsewhere than the plan's own output buffers.
+        """
+        g = self.geometry
+        check_tensor("q", q, dtypes=(self.dtype,), shape=(self.num_tokens, g.num_q_heads, g.head_dim),
+                     device=self.device)
+        check_tensor("q_pos", q_pos, dtypes=(torch.int32,), shape=(self.num_tokens,), device=self.device)
+        check_tensor("k_cache", k_cache, dtypes=(self.dtype,), shape=(None, g.page_size, g.num_kv_heads, g.head_dim),
+                     device=self.device)
+        check_tensor("v_cache", v_cache, dtypes=(self.dtype,), shape=tuple(k_cache.shape), device=self.device)
+        if k_cache.shape[0] < g.num_pages:
+            raise ValueError(f"k_cache has {k_cache.shape[0]} pages; the plan was made for {g.num_pages}")
+        o, lse = (self.o, self.lse) if out is None else out
+        if out is not None:
+            check_tensor("out[0]", o, dtypes=FLOAT_DTYPES, shape=tuple(self.o.shape), device=self.device)
+            check_tensor("out[1]", lse, dtypes=(torch.float32,), shape=tuple(self.lse.shape), device=self.device)
+        if self.num_tokens == 0:
+            return o, lse
+        if self.direct:
+            launch = self.launches[0]
+            self._launch(launch, q, q_pos, k_cache, v_cache, o, lse, apply_sinks=True)
+            return o, lse
+        for launch in self.launches:
+            self._launch(launch, q, q_pos, k_cache, v_cache, self.o_part, self.lse_part, apply_sinks=False)
+        return _launch_merge_states(self.o_part, self.lse_part, (o, lse), self.options.sinks)
+
+    def _launch(self, launch: LevelLaunch, q, q_pos, k_cache, v_cache, o, lse, apply_sinks):
+        if launch.num_tiles == 0:
+            return
+        launch_attention(
+            q, q_pos, launch.qo_indptr, launch.tile_indptr, launch.num_tiles, k_cache, v_cache, launch.kv,
+            self.geometry, self.options, launch.config, launch.num_splits, o, lse,
+            slot_offset=launch.slot_offset, apply_sinks=apply_sinks,
+            reverse_tiles=self.options.causal and launch.kind == "prefill",
+        )
+
+    def __repr__(self) -> str:
+        levels = ", ".join(f"{l.kind}(tiles={l.num_tiles}, splits={l.num_splits}, max_kv={l.max_kv_len})"
+                           for l in self.launches)
+        return f"CascadePlan(tokens={self.num_tokens}, slots={self.num_slots}, levels=[{levels}])"
+
+
+def plan_cascade(levels, *, num_q_heads, num_kv_heads, head_dim, page_size, dtype, num_pages=None, causal=True,
+                 sm_scale=None, window_left=None, softcap=None, sinks=None) -> CascadePlan:
+    """Plan cascade attention over ``levels`` once per batch; ``plan.run(q, q_pos, k_cache, v_cache)`` launches.
+
+    Parameters
+    ----------
+    levels : sequence of CascadeLevel
+        Level ``l``'s query segment ``s`` reads its KV segment ``s``; every level's ``qo_indptr`` ends at
+        the same number of query tokens, so each token belongs to exactly one segment of each level
+        (an empty KV segment gives it the identity state there).
+    num_q_heads, num_kv_heads, head_dim, page_size : int
+        Shapes of ``q`` ``[N, num_q_heads, head_dim]`` and of the caches
+        ``[num_pages, page_size, num_kv_heads, head_dim]``.
+    dtype : torch.dtype
+        fp16, bf16 or fp32: of q, the caches and ``o``.
+    num_pages : int, optional
+        Pages of the cache; when given (and validation is on), every page id is checked against it.
+    causal, sm_scale, window_left, softcap, sinks
+        As in :func:`cascade_kernels.paged_prefill`; ``sinks`` count once per query, not per level.
+
+    Returns
+    -------
+    CascadePlan
+
+    Examples
+    --------
+    >>> import torch, cascade_kernels as ck
+    >>> i32 = lambda *v: torch.tensor(v, dtype=torch.int32)
+    >>> shared = ck.CascadeLevel(i32(0, 2), ck.PagedKV(i32(0, 4), i32(0, 1, 2, 3), i32(64), i32(0)))
+    >>> own = ck.CascadeLevel(i32(0, 1, 2), ck.PagedKV(i32(0, 1, 2), i32(4, 5), i32(3, 9), i32(64, 64)))
+    >>> plan = ck.plan_cascade([shared, own], num_q_heads=8, num_kv_heads=2, head_dim=64, page_size=16,
+    ...                        dtype=torch.float32)                            # doctest: +SKIP
+    >>> k_cache, v_cache = torch.randn(2, 6, 16, 2, 64).unbind(0)
+    >>> o, lse = plan.run(torch.randn(2, 8, 64), i32(66, 72), k_cache, v_cache)  # doctest: +SKIP
+    """
+    if isinstance(levels, CascadeLevel) or not isinstance(levels, (list, tuple)) or not levels:
+        raise TypeError("levels must be a non-empty list of CascadeLevel")
+    for i, level in enumerate(levels):
+        if not isinstance(level, CascadeLevel):
+            raise TypeError(f"levels[{i}] must be a CascadeLevel, got {type(level).__name__}")
+    device = levels[0].kv.device
+    for i, level in enumerate(levels):
+        if level.kv.device != device:
+            raise ValueError(f"levels[{i}] is on {level.kv.device}, levels[0] on {device}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                        ("page_size", page_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be in [16, 256], got {head_dim}")
+    check_head_counts(num_q_heads, num_kv_heads)
+    scale = check_options(causal=causal, sm_scale=sm_scale, window_left=window_left, softcap=softcap, sinks=sinks,
+                          num_q_heads=num_q_heads, head_dim=head_dim, device=device)
+    # The plan reads the batch's sizes to the host once: that is its job, so it always does.
+    ends = [int(level.qo_indptr[-1].item()) for level in levels]
+    if len(set(ends)) != 1:
+        raise ValueError(f"every level's qo_indptr must end at the same number of query tokens, got {ends}")
+    with validation(True):
+        for i, level in enumerate(levels):
+            level.kv.check_pages(page_size, num_pages if num_pages is not None else 2**31 - 1, name=f"levels[{i}].kv")
+    max_page = max((int(level.kv.indices.max().item()) + 1 for level in levels if level.kv.indices.numel()), default=0)
+    geometry = Geometry(num_q_heads, num_kv_heads, head_dim, page_size, max(max_page, num_pages or 0))
+    options = Options(causal, scale, window_left, None if softcap is None else float(softcap), sinks)
+    return CascadePlan(levels, geometry, options, dtype, ends[0], device)
+
+
+def cascade_attention(q, q_pos, k_cache, v_cache, levels, *, causal=True, sm_scale=None, window_left=None,
+                      softcap=None, sinks=None):
+    """Exact attention of each query token over the union of its segments at every level.
+
+    ``plan_cascade(levels, ...).run(q, q_pos, k_cache, v_cache)`` in one call; see :func:`plan_cascade`.
+
+    Returns
+    -------
+    o : ``[N, num_q_heads, head_dim]`` in q's dtype; lse : ``[N, num_q_heads]`` fp32 natural log (sinks
+    included), ``-inf`` with ``o = 0`` where no key of any level is visible.
+
+    Examples
+    --------
+    >>> import torch, cascade_kernels as ck
+    >>> i32 = lambda *v: torch.tensor(v, dtype=torch.int32)
+    >>> shared = ck.CascadeLevel(i32(0, 2), ck.PagedKV(i32(0, 4), i32(0, 1, 2, 3), i32(64), i32(0)))
+    >>> own = ck.CascadeLevel(i32(0, 1, 2), ck.PagedKV(i32(0, 1, 2), i32(4, 5), i32(3, 9), i32(64, 64)))
+    >>> k_cache, v_cache = torch.randn(2, 6, 16, 2, 64).unbind(0)
+    >>> o, lse = ck.cascade_attention(torch.randn(2, 8, 64), i32(66, 72), k_cache, v_cache,
+    ...                               [shared, own])                           # doctest: +SKIP
+    """
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=q.device)
+    if k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"k_cache head_dim must equal q's ({q.shape[2]}), got shape {list(k_cache.shape)}")
+    plan = plan_cascade(levels, num_q_heads=q.shape[1], num_kv_heads=k_cache.shape[2], head_dim=q.shape[2],
+                        page_size=k_cache.shape[1], dtype=q.dtype, num_pages=k_cache.shape[0], causal=causal,
+                        sm_scale=sm_scale, window_left=window_left, softcap=softcap, sinks=sinks)
+    if plan.device != q.device:
+        raise ValueError(f"levels must be on q's device {q.device}, got {plan.device}")
+    return plan.run(q, q_pos, k_cache, v_cache)

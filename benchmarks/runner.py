@@ -175,8 +175,6 @@ def check_impl(name, factory, checks, ctx, suite) -> tuple[bool, str]:
                 got = impl.finish(out) if impl.finish else out
                 rel, lse_err = _errors(got, ref)
         except Exception as e:
-            if ctx.cuda:
-                torch.cuda.synchronize()
             return False, f"check run failed: {type(e).__name__}: {str(e)[:300]}"
         finally:
             del impl
@@ -207,8 +205,9 @@ def time_impl(suite, case, name, impl, work, ctx) -> Row:
                tflops, tbps, frac, floor_s * 1e6, p_ms, t.method, note=" ".join(x for x in (impl.note, t.note) if x))
 
 
-def run_suite(suite, ctx, only_impls=None) -> list[Row]:
-    """Check, then time, every implementation of ``suite`` on each of its cases. Returns the rows."""
+def run_suite(suite, ctx, only_impls=None, on_case=None) -> list[Row]:
+    """Check, then time, every implementation of ``suite`` on each of its cases. Returns the rows;
+    ``on_case(rows so far)`` is called after every case (a child process saves them there)."""
     import cascade_kernels as ck
 
     ctx.log(f"\n=== suite {suite.NAME} ===")
@@ -280,6 +279,8 @@ def run_suite(suite, ctx, only_impls=None) -> list[Row]:
         rows += case_rows
         del data
         free()
+        if on_case is not None:
+            on_case(rows)
     for (name, reason), names in not_applicable.items():
         ctx.note(suite.NAME, f"{name}: n/a on {', '.join(names)}: {reason}")
     return rows

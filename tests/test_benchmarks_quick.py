@@ -1,8 +1,9 @@
 """The benchmark suite's --quick path: every suite on tiny shapes, so its code runs before a GPU sees it.
 
 Two runs, each in a subprocess (``TRITON_INTERPRET`` must be set before any kernel is defined):
-1. the real kernels under the interpreter: the run completes and every suite whose public API
-   exists has rows for our kernel (so they also passed the float64 check the suite runs first);
+1. the real kernels under the interpreter, each suite in a child process as on the GPU (--isolate):
+   the run completes and every suite whose public API exists has rows for our kernel (so they also
+   passed the float64 check the suite runs first);
 2. float64-reference stand-ins for the whole public API (cast back to the input dtype), so that every
    suite's code path, plan-style and tuned variants included, runs whatever the kernels' state.
 """
@@ -95,7 +96,7 @@ def _summary(out: Path) -> str:
 def test_quick_run_has_rows_for_our_kernels(tmp_path):
     import cascade_kernels as ck
 
-    rows = _run([], tmp_path)
+    rows = _run(["--isolate"], tmp_path)
     present = [s for s, api in SUITE_API.items() if all(hasattr(ck, n) for n in api)]
     assert "merge" in present  # the merge kernels are the first thing the package shipped
     for suite in present:

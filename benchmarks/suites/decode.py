@@ -86,7 +86,7 @@ def capped_flex(ctx, capped_cases):
     def factory(data):
         if data.tag not in capped_cases and not data.tag.startswith("check"):
             raise Unavailable("not in FLEX_CASES (compile time)")
-        if ctx.seconds_left() < 150:
+        if ctx.seconds_left() < 60:
             raise Unavailable("too little time left to compile")
         return torch_peers.flex(data)
 

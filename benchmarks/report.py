@@ -108,7 +108,8 @@ def header(env: dict, ceilings) -> str:
             f"driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, flashinfer "
             f"{env['flashinfer']}, commit {env['commit']} (sources {env['src_hash']}). Ceilings: read "
             f"{ceilings.read / 1e12:.3f} TB/s, copy {ceilings.copy / 1e12:.3f} TB/s (read + write), bf16 "
-            f"matmul {ceilings.matmul / 1e12:.0f} TFLOP/s ({', '.join(f'{k}: {v}' for k, v in ceilings.source.items())}).\n")
+            f"matmul {ceilings.matmul / 1e12:.0f} TFLOP/s "
+            f"({', '.join(f'{k}: {v}' for k, v in ceilings.source.items())}).\n")
 
 
 def json_rows(rows: list, env: dict) -> list[dict]:

@@ -180,7 +180,8 @@ def check_impl(name, factory, checks, ctx, suite) -> tuple[bool, str]:
             del impl
         lse_text = "not returned" if lse_err is None else f"{lse_err:.1e}"
         if not (rel <= O_REL_TOL and (lse_err is None or lse_err <= LSE_ABS_TOL)):
-            return False, f"FAILED check: o rel err {rel:.2e} (tol {O_REL_TOL}), lse abs err {lse_text} (tol {LSE_ABS_TOL})"
+            return False, (f"FAILED check: o rel err {rel:.2e} (tol {O_REL_TOL}), "
+                           f"lse abs err {lse_text} (tol {LSE_ABS_TOL})")
         results.append(f"o {rel:.1e}, lse {lse_text}")
     if not results:
         return False, "not available: " + "; ".join(sorted(set(reasons)))

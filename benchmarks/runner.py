@@ -103,10 +103,6 @@ class Ctx:
     def shape(self) -> Shape:
         return QUICK_SHAPE if self.quick else FULL_SHAPE
 
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
     def seconds_left(self) -> float:
         return self.deadline - time.monotonic()
 
@@ -127,6 +123,9 @@ def no_validation():
     """Switch off our value checks (device-to-host copies) while timing; restore after."""
     import cascade_kernels as ck
 
+    if not (hasattr(ck, "validation_enabled") and hasattr(ck, "set_validation")):
+        yield
+        return
     prev = ck.validation_enabled()
     ck.set_validation(False)
     try:

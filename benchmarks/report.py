@@ -182,6 +182,7 @@ def plots(rows: list, ceilings, out_dirs: list[Path], log=print) -> None:
     flat = {r.case: r.us for r in sel if r.impl == "ours-flat"}
     if sel and flat:
         prefix = lambda case: int(re.match(r"x_p(\d+)_", case).group(1))  # noqa: E731
+        suffix, batch = re.match(r"x_p\d+_s(\d+)_b(\d+)", sel[0].case).groups()
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for impl in dict.fromkeys(r.impl for r in sel):
             pts = sorted((prefix(r.case), flat[r.case] / r.us) for r in sel if r.impl == impl and r.case in flat)
@@ -189,7 +190,7 @@ def plots(rows: list, ceilings, out_dirs: list[Path], log=print) -> None:
                 ax.plot(*zip(*pts), marker="o", label=impl)
         ax.axhline(1.0, color="k", linewidth=0.8)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("shared prefix tokens (batch 128, own suffix 1024)")
+        ax.set_xlabel(f"shared prefix tokens (batch {batch}, own suffix {suffix})")
         ax.set_ylabel("speedup over our flat decode")
         ax.set_title("cascade crossover")
         ax.legend(fontsize=7)

@@ -163,7 +163,7 @@ def _paged_attention_kernel(
     sinks_ptr,        # [num_q_heads] fp32, read only when HAS_SINKS
     o_ptr,            # final: [num_tokens, num_q_heads, head_dim]; split: [num_tokens, slots, num_q_heads, head_dim] fp32
     lse_ptr,          # final: [num_tokens, num_q_heads] fp32; split: [num_tokens, slots, num_q_heads] fp32
-    num_segments, num_splits, page_size, qk_scale, softcap, window_left, slot_offset,
+    num_segments, num_kv_heads, num_splits, page_size, qk_scale, softcap, window_left, slot_offset,
     s_qt, s_qh, s_qd,
     s_kp, s_ks, s_kh, s_kd,
     s_vp, s_vs, s_vh, s_vd,
@@ -174,14 +174,17 @@ def _paged_attention_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     PAGE_ALIGNED: tl.constexpr, REVERSE_TILES: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    """Grid ``(work tiles, num_kv_heads, num_splits)``. Writes normalised ``o`` and natural-log ``lse`` of
+    """Grid ``(work tiles * num_kv_heads * num_splits,)``. Writes normalised ``o`` and natural-log ``lse`` of
     its rows for its split (slot ``slot_offset + split``); the wrapper merges splits when there are several.
     """
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads HEAD_DIM")
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    # One flat grid, KV head fastest, then split, then work tile: the programs that run side by side
+    # read the same pages (each head's slice of them), so a page is fetched from DRAM while it is hot.
+    pid = tl.program_id(0)
+    kv_head = pid % num_kv_heads
+    split = (pid // num_kv_heads) % num_splits
+    tile = pid // (num_kv_heads * num_splits)
 
     # Find the segment owning this work tile: binary search of tile_indptr (no host-side work list).
     lo_s = 0

@@ -37,24 +37,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cascade_kernels as ck  # noqa: E402
 import llama  # noqa: E402
 
-SYSTEM = "You are a helpful assistant. Answer questions about the document briefly and accurately."
+SYSTEM = "Answer in one short sentence."
 
+# Short, so that the CPU run (every kernel under the Triton interpreter) takes a few minutes;
+# --doc-repeat lengthens the shared chunk on a GPU.
 DOCUMENT = (
-    "The Harbor Street Library opened in 1911 in the town of Westmere. The building was designed by the "
-    "architect Clara Holt, who also designed the town hall. It was built from red sandstone quarried on "
-    "the hills north of the town. The library holds about 40,000 books, and its basement keeps the town's "
-    "archive of ship logs, the oldest from 1780. In 1987 a fire damaged the east wing, which reopened two "
-    "years later with a children's reading room. The library is open from Tuesday to Saturday, and entry "
-    "is free for everyone."
+    "The Harbor Street Library opened in 1911. It was designed by the architect Clara Holt and built "
+    "from red sandstone. Its basement keeps the town's old ship logs."
 )
 
 QUESTIONS = (
     "Who designed the library?",
-    "What is kept in the basement?",
     "When did the library open?",
-    "What happened in 1987?",
+    "What is kept in the basement?",
     "What is the building made of?",
-    "On which days is the library open?",
 )
 
 

@@ -7,6 +7,7 @@ positions are global, partial states merge exactly, and a chunk shared by many r
 from ._validation import set_validation, validation_enabled
 from .attention import paged_decode, paged_prefill
 from .cascade import CascadePlan, cascade_attention, plan_cascade
+from .configs import set_tuned_configs, tuned_configs_enabled, use_tuned_configs
 from .merge import merge_state, merge_states
 from .rope import append_kv, apply_rope, paged_slots, rotate_keys
 from .types import CascadeLevel, PagedKV

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from . import configs as _configs
 from ._attention_kernel import _paged_attention_kernel
 from ._triton import interpreting, padded
 from ._validation import FLOAT_DTYPES, check_head_counts, check_indptr, check_options, check_tensor
@@ -229,7 +230,10 @@ def paged_prefill(q, q_pos, qo_indptr, k_cache, v_cache, kv, *, causal=True, sm_
     check_tensor("qo_indptr", qo_indptr, dtypes=(torch.int32,), shape=(num_segments + 1,), device=q.device)
     check_indptr("qo_indptr", qo_indptr, end=q.shape[0], end_name="num_tokens")
     _check_num_splits(num_splits)
-    config = heuristic_config("prefill", geometry.head_dim, geometry.group, q.dtype)
+    per_segment = max(num_segments, 1)  # tuned-config bucket: mean query and KV (page capacity) per segment
+    config = _configs.select_config("prefill", head_dim=geometry.head_dim, group=geometry.group,
+                                    page_size=geometry.page_size, dtype=q.dtype, q_len=q.shape[0] / per_segment,
+                                    kv_len=kv.indices.numel() * geometry.page_size / per_segment, device=q.device)
     # Work tiles per segment, counted on the device (no host sync); the grid is an upper bound on them.
     rows = (qo_indptr[1:] - qo_indptr[:-1]) * geometry.group
     tile_indptr = torch.zeros(num_segments + 1, dtype=torch.int32, device=q.device)
@@ -275,7 +279,10 @@ def paged_decode(q, q_pos, k_cache, v_cache, kv, *, causal=True, sm_scale=None, 
     if q.shape[0] != num_segments:
         raise ValueError(f"q must hold one token per kv segment ({num_segments}), got {q.shape[0]}")
     _check_num_splits(num_splits)
-    config = heuristic_config("decode", geometry.head_dim, geometry.group, q.dtype)
+    config = _configs.select_config("decode", head_dim=geometry.head_dim, group=geometry.group,
+                                    page_size=geometry.page_size, dtype=q.dtype, q_len=1,
+                                    kv_len=kv.indices.numel() * geometry.page_size / max(num_segments, 1),
+                                    device=q.device)
     tiles_per_token = triton.cdiv(geometry.group, config.block_m)
     qo_indptr, tile_indptr = decode_indptrs(num_segments, tiles_per_token, q.device)
     if num_splits is None:

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from . import configs as _configs
 from .attention import (
     Geometry,
     Options,
     TileConfig,
     choose_splits,
-    heuristic_config,
     launch_attention,
 )
 from ._validation import FLOAT_DTYPES, check_head_counts, check_options, check_tensor, validation
@@ -96,7 +96,10 @@ class CascadePlan:
         q_lens = [b - a for a, b in zip(*(lambda p: (p[:-1], p[1:]))(_host(level.qo_indptr)))]
         kv_lens = _host(level.kv.lens)
         kind = "decode" if max(q_lens, default=0) <= 1 else "prefill"
-        config = heuristic_config(kind, g.head_dim, g.group, self.dtype)
+        busy = [(n, m) for n, m in zip(q_lens, kv_lens) if n]  # tuned-config bucket: means over segments with queries
+        config = _configs.select_config(kind, head_dim=g.head_dim, group=g.group, page_size=g.page_size,
+                                        dtype=self.dtype, q_len=sum(n for n, _ in busy) / max(len(busy), 1),
+                                        kv_len=sum(m for _, m in busy) / max(len(busy), 1), device=self.device)
         tiles = [triton.cdiv(n * g.group, config.block_m) for n in q_lens]
         tile_indptr = [0]
         for t in tiles:

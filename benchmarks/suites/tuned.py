@@ -60,6 +60,8 @@ def _ours(tuned: bool):
         impl = (decode.ours if data.kind == "decode" else prefill.ours)(data)
         impl.context = lambda: ck.use_tuned_configs(tuned)
         impl.note = "tuned configs" if tuned else "heuristic configs"
+        if tuned and not ck.configs.config_path(data.kind, ck.configs.device_name(data.q.device)).is_file():
+            impl.note = "no tuned configs for this GPU: heuristic"
         return impl
 
     return factory

@@ -50,10 +50,12 @@ def check_tensor(
     dtypes: Sequence[torch.dtype] | None = None,
     shape: Sequence[int | None] | None = None,
     device: torch.device | None = None,
+    contiguous: bool = False,
 ) -> torch.Tensor:
     """Raise a TypeError/ValueError naming ``name`` unless ``x`` is a tensor of the given form.
 
-    ``shape`` entries of None match any size.
+    ``shape`` entries of None match any size. ``contiguous`` is for the small index and parameter
+    tensors (positions, pointers, sinks) that kernels read as dense arrays.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -68,6 +70,8 @@ def check_tensor(
             raise ValueError(f"{name} must have shape {want}, got {list(x.shape)}")
     if device is not None and x.device != device:
         raise ValueError(f"{name} must be on {device}, got {x.device}")
+    if contiguous and not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {x.stride()}")
     return x
 
 
@@ -119,7 +123,7 @@ def check_options(
     elif not isinstance(sm_scale, (int, float)) or not sm_scale > 0:
         raise ValueError(f"sm_scale must be None or a float > 0, got {sm_scale!r}")
     if sinks is not None:
-        check_tensor("sinks", sinks, dtypes=(torch.float32,), shape=(num_q_heads,), device=device)
+        check_tensor("sinks", sinks, dtypes=(torch.float32,), shape=(num_q_heads,), device=device, contiguous=True)
     return float(sm_scale)
 
 

@@ -96,7 +96,7 @@ def check_attention_args(q, q_pos, k_cache, v_cache, kv, *, causal, sm_scale, wi
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     num_tokens, num_q_heads, head_dim = q.shape
     device = q.device
-    check_tensor("q_pos", q_pos, dtypes=(torch.int32,), shape=(num_tokens,), device=device)
+    check_tensor("q_pos", q_pos, dtypes=(torch.int32,), shape=(num_tokens,), device=device, contiguous=True)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=device)
     num_pages, page_size, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim:
@@ -227,7 +227,8 @@ def paged_prefill(q, q_pos, qo_indptr, k_cache, v_cache, kv, *, causal=True, sm_
     geometry, options = check_attention_args(q, q_pos, k_cache, v_cache, kv, causal=causal, sm_scale=sm_scale,
                                              window_left=window_left, softcap=softcap, sinks=sinks)
     num_segments = kv.num_segments
-    check_tensor("qo_indptr", qo_indptr, dtypes=(torch.int32,), shape=(num_segments + 1,), device=q.device)
+    check_tensor("qo_indptr", qo_indptr, dtypes=(torch.int32,), shape=(num_segments + 1,), device=q.device,
+                 contiguous=True)
     check_indptr("qo_indptr", qo_indptr, end=q.shape[0], end_name="num_tokens")
     _check_num_splits(num_splits)
     per_segment = max(num_segments, 1)  # tuned-config bucket: mean query and KV (page capacity) per segment

@@ -123,12 +123,15 @@ class CascadePlan:
         g = self.geometry
         check_tensor("q", q, dtypes=(self.dtype,), shape=(self.num_tokens, g.num_q_heads, g.head_dim),
                      device=self.device)
-        check_tensor("q_pos", q_pos, dtypes=(torch.int32,), shape=(self.num_tokens,), device=self.device)
+        check_tensor("q_pos", q_pos, dtypes=(torch.int32,), shape=(self.num_tokens,), device=self.device,
+                     contiguous=True)
         check_tensor("k_cache", k_cache, dtypes=(self.dtype,), shape=(None, g.page_size, g.num_kv_heads, g.head_dim),
                      device=self.device)
         check_tensor("v_cache", v_cache, dtypes=(self.dtype,), shape=tuple(k_cache.shape), device=self.device)
         if k_cache.shape[0] < g.num_pages:
             raise ValueError(f"k_cache has {k_cache.shape[0]} pages; the plan was made for {g.num_pages}")
+        if out is not None and not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError("out must be a tuple (o_out, lse_out)")
         o, lse = (self.o, self.lse) if out is None else out
         if out is not None:
             check_tensor("out[0]", o, dtypes=FLOAT_DTYPES, shape=tuple(self.o.shape), device=self.device)

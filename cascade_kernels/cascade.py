@@ -30,6 +30,7 @@ from .attention import (
     launch_attention,
 )
 from ._validation import FLOAT_DTYPES, check_head_counts, check_options, check_tensor, validation
+from .fold import fold_levels
 from .merge import _launch_merge_states
 from .types import CascadeLevel, PagedKV
 
@@ -163,7 +164,7 @@ class CascadePlan:
 
 
 def plan_cascade(levels, *, num_q_heads, num_kv_heads, head_dim, page_size, dtype, num_pages=None, causal=True,
-                 sm_scale=None, window_left=None, softcap=None, sinks=None) -> CascadePlan:
+                 sm_scale=None, window_left=None, softcap=None, sinks=None, fold=None) -> CascadePlan:
     """Plan cascade attention over ``levels`` once per batch; ``plan.run(q, q_pos, k_cache, v_cache)`` launches.
 
     Parameters
@@ -181,6 +182,10 @@ def plan_cascade(levels, *, num_q_heads, num_kv_heads, head_dim, page_size, dtyp
         Pages of the cache; when given (and validation is on), every page id is checked against it.
     causal, sm_scale, window_left, softcap, sinks
         As in :func:`cascade_kernels.paged_prefill`; ``sinks`` count once per query, not per level.
+    fold : bool, optional
+        Join a shared level into the next one (its pages prepended to each of their segments) where
+        the layout allows it: None (default) where keeping it apart does not pay (a short shared level,
+        see ``fold.py``), True wherever possible, False never. The result is the same either way.
 
     Returns
     -------
@@ -224,6 +229,9 @@ def plan_cascade(levels, *, num_q_heads, num_kv_heads, head_dim, page_size, dtyp
     with validation(True):
         for i, level in enumerate(levels):
             level.kv.check_pages(page_size, num_pages if num_pages is not None else 2**31 - 1, name=f"levels[{i}].kv")
+    if fold is not None and not isinstance(fold, bool):
+        raise TypeError(f"fold must be None or a bool, got {type(fold).__name__}")
+    levels = fold_levels(list(levels), page_size, fold)
     max_page = max((int(level.kv.indices.max().item()) + 1 for level in levels if level.kv.indices.numel()), default=0)
     geometry = Geometry(num_q_heads, num_kv_heads, head_dim, page_size, max(max_page, num_pages or 0))
     options = Options(causal, scale, window_left, None if softcap is None else float(softcap), sinks)

@@ -269,3 +269,16 @@ def test_long_shared_prefix_with_many_requests():
         o, lse = ck.cascade_attention(q, q_pos, k_cache, v_cache, levels, **options)
         check_outputs(o, lse, reference.cascade_attention(q, q_pos, k_cache, v_cache, levels, **options), q,
                       msg=str(options))
+
+
+@fewer(2)
+@given(problem=cascade_problem(), fold=st.sampled_from([True, None, False]))
+def test_folding_a_level_into_the_next_changes_nothing(problem, fold):
+    """``plan_cascade(fold=...)`` joins a shared level into the next where the layout allows: the
+    result equals the reference whether levels are folded (always, where it pays, or never)."""
+    p = problem
+    plan = ck.plan_cascade(p.levels, num_q_heads=p.num_q_heads, num_kv_heads=p.num_kv_heads, head_dim=p.head_dim,
+                           page_size=p.page_size, dtype=p.dtype, fold=fold, **p.options)
+    o, lse = plan.run(p.q, p.q_pos, p.k_cache, p.v_cache)
+    ro, rlse = reference.cascade_attention(p.q, p.q_pos, p.k_cache, p.v_cache, p.levels, **p.options)
+    check_outputs(o, lse, (ro, rlse), p.q)

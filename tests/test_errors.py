@@ -285,6 +285,7 @@ def _bad_cascade():
         (lambda: plan(num_pages=5), ValueError,
          r"^levels\[1\]\.kv\.indices holds page 5, out of range for a cache of 5"),
         (lambda: plan(page_size=8), ValueError, r"^levels\[0\]\.kv\.lens\[0\] = 10 is longer than its 1 pages of 8"),
+        (lambda: plan(fold="yes"), TypeError, r"^fold must be None or a bool"),
         # CascadePlan.run
         (lambda: run(q=q_of(4)), ValueError, r"^q must have shape \[5, 4, 32\]"),
         (lambda: run(q=q_of()[0]), ValueError, r"^q must have shape \[5, 4, 32\]"),

@@ -344,6 +344,13 @@ def write_configs(path: str | os.PathLike, meta: Mapping[str, str], configs: Map
     }
     m = _FILE_RE.fullmatch(path.name)
     _check_document(json.loads(json.dumps(doc)), path, m.group(1) if m else None, m.group(2) if m else None)
+    atomic_write_json(path, doc)
+    return path
+
+
+def atomic_write_json(path: Path, doc) -> None:
+    """Write ``doc`` as JSON to ``path`` through a temporary file and ``os.replace``: a reader sees the
+    old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -355,7 +362,6 @@ def write_configs(path: str | os.PathLike, meta: Mapping[str, str], configs: Map
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
 
 
 # ------------------------------------------------------------------------------------------------------------

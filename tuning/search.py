@@ -9,13 +9,10 @@ a winner that fails the correctness check is dropped for the next fastest that p
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -55,20 +52,6 @@ def git_commit() -> str:
     return (sha + "+dirty" if dirty else sha) or "unknown"
 
 
-def _write_json(path: Path, doc) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 @dataclass
 class Progress:
     """Results so far: ``results[family][bucket key]`` holds the winner and its timings, or why there is none."""
@@ -101,7 +84,7 @@ class Progress:
 
     def save(self, out: Path, family: str) -> Path | None:
         """Write the progress file and ``family``'s config file (once it has a config); returns the latter."""
-        _write_json(self.path, {"meta": self.meta, "results": self.results})
+        configs.atomic_write_json(self.path, {"meta": self.meta, "results": self.results})
         found = {k: r for k, r in self.results.get(family, {}).items() if r.get("config")}
         if not found:
             return None

@@ -33,8 +33,8 @@ __all__ = ["apply_rope", "append_kv", "rotate_keys", "paged_slots"]
 
 # A program covers BLOCK_N tokens x BLOCK_H heads x BLOCK_HALF pairs: 2048 pairs (4096 elements) keep
 # 16-byte accesses in every thread of 4 warps, as in merge.py. The interpreter runs programs one after
-# another in Python, so there a program takes 32x more (measured: 93 tokens x 3 heads x 32 pairs went
-# from 0.65 s as one program per token to 0.01 s).
+# another in Python at a fixed cost each, so there a program takes 32x more pairs (measured: 93 tokens x
+# 3 heads x 32 pairs went from 0.65 s as one program per token to 0.01 s as one program).
 _PAIRS_PER_PROGRAM = 2048
 _PAIRS_PER_PROGRAM_INTERPRETED = 65536
 

@@ -12,7 +12,7 @@ import torch
 import triton
 
 from ._merge_kernels import _merge_states_kernel, _merge_two_kernel
-from ._triton import padded
+from ._triton import interpreting, padded
 from ._validation import FLOAT_DTYPES, check_tensor
 
 __all__ = ["merge_state", "merge_states"]
@@ -28,7 +28,9 @@ _MIN_PROGRAMS = 128
 def _blocks(num_rows: int, num_heads: int, head_dim: int) -> tuple[int, int]:
     block_d = padded(head_dim, minimum=1)
     block_h = min(padded(num_heads, minimum=1), max(1, _ELEMENTS_PER_PROGRAM // block_d))
-    while block_h > 1 and num_rows * triton.cdiv(num_heads, block_h) < _MIN_PROGRAMS:
+    # (Not under the interpreter, which runs programs one after another: there more programs only cost.)
+    min_programs = 1 if interpreting() else _MIN_PROGRAMS
+    while block_h > 1 and num_rows * triton.cdiv(num_heads, block_h) < min_programs:
         block_h //= 2
     return block_h, block_d
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-TWO_PI: tl.constexpr = 6.283185307179586
+TWO_PI = tl.constexpr(6.283185307179586)
 
 
 @triton.jit

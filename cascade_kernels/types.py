@@ -9,7 +9,7 @@ import torch
 from ._validation import _int32_range_check, check_indptr, check_tensor, validation_enabled
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PagedKV:
     """``S`` segments of keys and values in a paged cache, each at explicit global positions.
 
@@ -95,7 +95,7 @@ class PagedKV:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CascadeLevel:
     """One level of a cascade: query segment ``s`` (``q[qo_indptr[s]:qo_indptr[s + 1]]``) reads kv segment ``s``.
 

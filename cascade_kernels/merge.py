@@ -35,6 +35,14 @@ def _blocks(num_rows: int, num_heads: int, head_dim: int) -> tuple[int, int]:
     return block_h, block_d
 
 
+def _states_per_load(num_rows: int, num_states: int, block_h: int, block_d: int) -> int:
+    """States a merge program loads at once: one where rows are many (the measured streaming path), up
+    to ``_ELEMENTS_PER_PROGRAM * 4`` elements' worth where a few rows hold many states."""
+    if num_rows >= _MIN_PROGRAMS:
+        return 1
+    return min(padded(num_states, minimum=1), max(1, 4 * _ELEMENTS_PER_PROGRAM // (block_h * block_d)))
+
+
 def _check_out(out, n, num_heads, head_dim, device):
     if out is None:
         return None
@@ -133,11 +141,12 @@ def _launch_merge_states(o, lse, out, sinks, out_dtype=None):
     if n == 0 or num_heads == 0:
         return o_out, lse_out
     block_h, block_d = _blocks(n, num_heads, head_dim)
+    block_k = _states_per_load(n, k, block_h, block_d)
     grid = (n, triton.cdiv(num_heads, block_h))
     _merge_states_kernel[grid](
         o, lse, sinks if sinks is not None else lse, o_out, lse_out,
         k, num_heads, head_dim,
         *o.stride(), *lse.stride(), *o_out.stride(), *lse_out.stride(),
-        HAS_SINKS=sinks is not None, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+        HAS_SINKS=sinks is not None, BLOCK_K=block_k, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
     )
     return o_out, lse_out

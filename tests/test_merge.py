@@ -182,3 +182,17 @@ def test_wrong_device_names_the_argument():
         ck.merge_states(o, lse)
     with pytest.raises(ValueError, match=r"^lse_b must be on cuda"):
         ck.merge_state(o[:, 0], lse[:, 0].cuda(), o[:, 1], lse[:, 1])
+
+
+@pytest.mark.parametrize("n, k", [(2, 37), (130, 3)])
+def test_merge_states_few_long_rows_and_many_short_ones(n, k):
+    """Both loading shapes of ``merge_states``: a few rows of many states (a split-KV merge, several
+    states per load, in chunks) and many rows of few states (one state per load). Some states empty."""
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    o = torch.randn(n, k, 32, 128, generator=gen).to(DEVICE)
+    lse = (4 * torch.randn(n, k, 32, generator=gen)).to(DEVICE)
+    lse[:, ::5] = -math.inf
+    o[:, ::5] = 0.0
+    out = (poison(torch.empty(n, 32, 128, device=DEVICE)), poison(torch.empty(n, 32, device=DEVICE)))
+    ck.merge_states(o, lse, out=out)
+    check_state(*out, *reference.merge_states(o, lse), torch.float32)

@@ -294,7 +294,9 @@ def paged_decode(q, q_pos, k_cache, v_cache, kv, *, causal=True, sm_scale=None, 
                 options, config, num_splits, reverse_tiles=False)
 
 
+@functools.lru_cache(maxsize=64)
 def decode_indptrs(num_segments: int, tiles_per_token: int, device: torch.device):
-    """``qo_indptr`` (one token per segment) and ``tile_indptr`` of a decode batch."""
+    """``qo_indptr`` (one token per segment) and ``tile_indptr`` of a decode batch; cached, since a decode
+    step of the same batch size needs the same two read-only tensors (no launch, no allocation)."""
     qo_indptr = torch.arange(num_segments + 1, dtype=torch.int32, device=device)
     return qo_indptr, qo_indptr * tiles_per_token

@@ -161,7 +161,9 @@ def _attend_range(
     return acc, l_i, m_i
 
 
-@triton.jit
+# Batch-dependent integers are not specialized (Triton would otherwise compile a new variant when, say,
+# the number of segments crosses a multiple of 16 in the middle of serving).
+@triton.jit(do_not_specialize=["num_segments", "num_splits", "window_left", "slot_offset"])
 def _paged_attention_kernel(
     q_ptr,            # [num_tokens, num_q_heads, head_dim]
     q_pos_ptr,        # [num_tokens] int32

@@ -88,7 +88,7 @@ def _copy_tile(src_ptr, src_rows, s_src_d, dst_ptr, dst_rows, s_dst_d, row_mask,
     tl.store(dst_ptr + dst_rows + offs_d * s_dst_d, x.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # batch-dependent: one compiled variant for all
 def _rope_kernel(
     x_ptr,      # [N, H, D] fp16/bf16/fp32, any strides
     out_ptr,    # [N, H, D] fp16/bf16/fp32, any strides; may be x itself
@@ -110,7 +110,7 @@ def _rope_kernel(
                INTERLEAVE, COPY_PASS, BLOCK_HALF, BLOCK_PASS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _append_kv_kernel(
     k_ptr, v_ptr,        # [N, Hkv, D] fp16/bf16/fp32, any strides
     kc_ptr, vc_ptr,      # [num_pages, page_size, Hkv, D] fp16/bf16/fp32, any strides
@@ -148,7 +148,7 @@ def _append_kv_kernel(
         _copy_tile(k_ptr, offs_n * s_kn + offs_h * s_kh, s_kd, kc_ptr, kc_rows, s_kcd, rows, head_dim, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_segments"])
 def _rotate_keys_kernel(
     kc_ptr,      # [num_pages, page_size, Hkv, D] fp16/bf16/fp32, any strides; rotated in place
     indptr_ptr,  # [S + 1] int32, PagedKV.indptr

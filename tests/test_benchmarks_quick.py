@@ -80,7 +80,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _run(args: list[str], out: Path, code: str | None = None) -> list[dict]:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    # The CPU path CI takes, also on a GPU machine: the interpreter on host tensors.
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "benchmarks"]
     proc = subprocess.run(cmd + args + ["--quick", "--no-record", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -12,6 +12,7 @@ script under the interpreter. On a GPU, every shipped config for it passes the c
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -440,8 +441,9 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch):
 
         assert main(args) == 0
     else:  # compiled kernels are defined already in this process: the interpreter needs its own
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the dry run is the CPU path CI takes
         proc = subprocess.run([sys.executable, "-m", "tuning", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+                              timeout=300, env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     prefill = configs.load_configs(tmp_path / "prefill__cpu.json")
     decode = configs.load_configs(tmp_path / "decode__cpu.json")

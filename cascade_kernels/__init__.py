@@ -4,6 +4,11 @@ Attention over a request's chunked, paged KV equals attention over its whole seq
 positions are global, partial states merge exactly, and a chunk shared by many requests is read once.
 """
 
+from ._triton import interpreter_problem, interpreting
+
+if interpreting() and interpreter_problem():
+    raise ImportError(f"cascade_kernels: {interpreter_problem()}")
+
 from ._validation import set_validation, validation_enabled
 from .attention import paged_decode, paged_prefill
 from .cascade import CascadePlan, cascade_attention, plan_cascade

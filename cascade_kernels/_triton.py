@@ -13,6 +13,25 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def interpreter_problem() -> str | None:
+    """Why the Triton interpreter cannot run these kernels in this environment, or ``None`` when it can.
+
+    Before triton 3.7 the interpreter converts loop bounds with ``int()`` of a one-element array, which
+    numpy 2.4 turned into a ``TypeError`` (triton issue 9171): every kernel with a runtime loop fails.
+    """
+    import numpy
+
+    def version(v: str) -> tuple[int, int]:
+        major, minor = (v.split("+")[0].split(".") + ["0"])[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"TRITON_INTERPRET=1 needs triton >= 3.7 or numpy < 2.4 (triton {triton.__version__}'s "
+                f"interpreter fails on numpy {numpy.__version__}, triton issue 9171): "
+                "pip install 'triton>=3.7' or 'numpy<2.4'")
+    return None
+
+
 def padded(n: int, minimum: int = 16) -> int:
     """The power of two at least ``n`` and ``minimum``: the constexpr size a masked dimension is padded to."""
     return max(minimum, triton.next_power_of_2(n))

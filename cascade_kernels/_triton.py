@@ -13,6 +13,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def version_tuple(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string such as ``"3.6.0+git1234"``."""
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def interpreter_problem() -> str | None:
     """Why the Triton interpreter cannot run these kernels in this environment, or ``None`` when it can.
 
@@ -21,11 +27,7 @@ def interpreter_problem() -> str | None:
     """
     import numpy
 
-    def version(v: str) -> tuple[int, int]:
-        major, minor = (v.split("+")[0].split(".") + ["0"])[:2]
-        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-
-    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+    if version_tuple(triton.__version__) < (3, 7) and version_tuple(numpy.__version__) >= (2, 4):
         return (f"TRITON_INTERPRET=1 needs triton >= 3.7 or numpy < 2.4 (triton {triton.__version__}'s "
                 f"interpreter fails on numpy {numpy.__version__}, triton issue 9171): "
                 "pip install 'triton>=3.7' or 'numpy<2.4'")

@@ -16,10 +16,13 @@ import triton
 
 from . import configs as _configs
 from ._attention_kernel import _paged_attention_kernel
+from ._launch import Launcher
 from ._triton import interpreting, padded
 from ._validation import FLOAT_DTYPES, check_head_counts, check_indptr, check_options, check_tensor
 from .merge import _launch_merge_states
 from .types import PagedKV
+
+_ATTENTION = Launcher(_paged_attention_kernel)
 
 __all__ = ["paged_prefill", "paged_decode"]
 
@@ -152,8 +155,8 @@ def launch_attention(
         s_lt, s_lslot, s_lh = lse.stride()
     has_sinks = apply_sinks and options.sinks is not None
     grid = (num_tiles * geometry.num_kv_heads * num_splits,)
-    _paged_attention_kernel[grid](
-        q, q_pos, qo_indptr, tile_indptr, k_cache, v_cache,
+    _ATTENTION(
+        grid, q, q_pos, qo_indptr, tile_indptr, k_cache, v_cache,
         kv.indptr, kv.indices, kv.lens, kv.start_pos,
         options.sinks if has_sinks else lse, o, lse,
         kv.num_segments, geometry.num_kv_heads, num_splits, geometry.page_size, options.sm_scale,

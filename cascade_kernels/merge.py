@@ -11,9 +11,13 @@ from __future__ import annotations
 import torch
 import triton
 
+from ._launch import Launcher
 from ._merge_kernels import _merge_states_kernel, _merge_two_kernel
 from ._triton import interpreting, padded
 from ._validation import FLOAT_DTYPES, check_tensor
+
+_MERGE_TWO = Launcher(_merge_two_kernel)
+_MERGE_STATES = Launcher(_merge_states_kernel)
 
 __all__ = ["merge_state", "merge_states"]
 
@@ -90,8 +94,8 @@ def merge_state(o_a, lse_a, o_b, lse_b, *, out=None):
         return o_out, lse_out
     block_h, block_d = _blocks(n, num_heads, head_dim)
     grid = (n, triton.cdiv(num_heads, block_h))
-    _merge_two_kernel[grid](
-        o_a, lse_a, o_b, lse_b, o_out, lse_out,
+    _MERGE_TWO(
+        grid, o_a, lse_a, o_b, lse_b, o_out, lse_out,
         num_heads, head_dim,
         *o_a.stride(), *lse_a.stride(),
         *o_b.stride(), *lse_b.stride(),
@@ -143,8 +147,8 @@ def _launch_merge_states(o, lse, out, sinks, out_dtype=None):
     block_h, block_d = _blocks(n, num_heads, head_dim)
     block_k = _states_per_load(n, k, block_h, block_d)
     grid = (n, triton.cdiv(num_heads, block_h))
-    _merge_states_kernel[grid](
-        o, lse, sinks if sinks is not None else lse, o_out, lse_out,
+    _MERGE_STATES(
+        grid, o, lse, sinks if sinks is not None else lse, o_out, lse_out,
         k, num_heads, head_dim,
         *o.stride(), *lse.stride(), *o_out.stride(), *lse_out.stride(),
         HAS_SINKS=sinks is not None, BLOCK_K=block_k, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,

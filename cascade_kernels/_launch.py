@@ -1,0 +1,102 @@
+"""Launching compiled kernels with less host time than ``kernel[grid](...)``.
+
+``kernel[grid](*args)`` binds and specializes every argument (about 45 for the attention kernel), hashes
+the result and looks the compiled kernel up on each call: measured on an H200 host, about 70 us a launch,
+more than a decode step's kernel takes on the GPU. ``Launcher`` keys the compiled kernel by a cheaper
+tuple that determines Triton's specialization (see ``_key``), takes the slow path once per new key, and
+afterwards calls the compiled kernel's launcher directly, the way ``JITFunction.run`` itself does.
+
+The direct call uses ``CompiledKernel.run`` as ``JITFunction.run`` does in triton 3.6 to 3.9 (the versions
+this was checked against); with any other version, under the interpreter, or if the compiled kernel does
+not look as expected, every launch goes through ``kernel[grid](...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.runtime import driver
+
+from ._triton import interpreting, version_tuple
+
+_INT32 = (-(2**31), 2**31)
+_CHECKED_VERSIONS = ((3, 6), (3, 9))
+
+
+def fast_launch_supported() -> bool:
+    """Whether the direct launch applies: compiled kernels on a triton version it was checked against."""
+    low, high = _CHECKED_VERSIONS
+    return not interpreting() and low <= version_tuple(triton.__version__) <= high and hasattr(triton, "knobs")
+_MAX_ENTRIES = 4096  # a guard against unbounded growth (say, strides of ever-new shapes); cleared when full
+
+
+class Launcher:
+    """``Launcher(jit_fn)(grid, *runtime_args, num_warps=None, num_stages=None, **constexprs)`` launches
+    ``jit_fn`` (``None``: Triton's default). Runtime arguments are positional, in signature order, and
+    precede every constexpr, which are all passed by name."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.cache: dict = {}
+        self.fast = fast_launch_supported()
+        if not self.fast:
+            return
+        params = fn.params
+        runtime = [p for p in params if not p.is_constexpr]
+        if any(p.is_constexpr for p in params[: len(runtime)]):
+            raise ValueError(f"{fn.__name__}: constexpr parameters must follow the runtime ones")
+        self.constexpr_names = tuple(p.name for p in params[len(runtime):])
+        # Triton specializes an int on its value (== 1, divisible by 16) and its range (i32 / i64), a
+        # do_not_specialize int on its range only, a tensor on its dtype and 16-byte alignment.
+        self.unspecialized = tuple(p.do_not_specialize for p in runtime)
+        self.num_runtime = len(runtime)
+
+    def _key(self, args, num_warps, num_stages, constexprs, device):
+        key = [device, num_warps, num_stages]
+        append = key.append
+        for a, unspecialized in zip(args, self.unspecialized):
+            if isinstance(a, torch.Tensor):
+                append(a.dtype)
+                append(a.data_ptr() & 15 == 0)
+            elif isinstance(a, float):
+                append(float)
+            elif unspecialized:
+                append(_INT32[0] <= a < _INT32[1])
+            else:
+                append(type(a))
+                append(a)  # the value itself: finer than Triton's classes, never coarser
+        key.extend(constexprs)
+        return tuple(key)
+
+    def __call__(self, grid, *args, num_warps=None, num_stages=None, **kwargs):
+        if num_warps is not None:
+            kwargs["num_warps"] = num_warps
+        if num_stages is not None:
+            kwargs["num_stages"] = num_stages
+        if not self.fast:
+            self.fn[grid](*args, **kwargs)
+            return
+        if len(args) != self.num_runtime:
+            raise TypeError(f"{self.fn.__name__}: expected {self.num_runtime} runtime arguments, got {len(args)}")
+        constexprs = tuple(kwargs[name] for name in self.constexpr_names)
+        device = driver.active.get_current_device()
+        key = self._key(args, num_warps, num_stages, constexprs, device)
+        entry = self.cache.get(key)
+        if entry is None:
+            kernel = self.fn[grid](*args, **kwargs)
+            try:
+                entry = (kernel.run, kernel.function, kernel.packed_metadata, kernel.launch_metadata)
+            except AttributeError:  # not the CompiledKernel this was written against
+                self.fast = False
+                return
+            if len(self.cache) >= _MAX_ENTRIES:
+                self.cache.clear()
+            self.cache[key] = entry
+            return
+        run, function, packed_metadata, launch_metadata = entry
+        stream = driver.active.get_current_stream(device)
+        full = args + constexprs
+        hooks = triton.knobs.runtime
+        run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function,
+            packed_metadata, launch_metadata(grid, stream, *full), hooks.launch_enter_hook, hooks.launch_exit_hook,
+            *full)

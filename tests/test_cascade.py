@@ -246,7 +246,7 @@ def test_no_level_holds_a_visible_key(num_tokens):
                   q)
 
 
-@pytest.mark.skipif(not LARGE, reason="a long shared prefix is too slow under the Triton interpreter")
+@pytest.mark.skipif(not LARGE, reason="large problems run under the gpu hypothesis profile (CK_HYPOTHESIS_PROFILE=gpu)")
 def test_long_shared_prefix_with_many_requests():
     """A 4000-token prefix shared by 32 decoding requests, each with its own 1..300 tokens."""
     gen = torch.Generator().manual_seed(7)

@@ -66,15 +66,17 @@ def ours(data) -> Impl:
 
 
 def ours_plan(data) -> Impl:
-    """``ck.plan_decode(kv, **dims)`` then ``plan.run(q, q_pos, k_cache, v_cache)``, where it exists."""
+    """The serving path: ``ck.plan_cascade`` over one level (this batch's segments) once, timed as
+    planning, then ``plan.run(q, q_pos, k_cache, v_cache)``, which only launches kernels."""
     import cascade_kernels as ck
 
-    if not hasattr(ck, "plan_decode"):
-        raise Unavailable("no ck.plan_decode")
+    if not hasattr(ck, "plan_cascade"):
+        raise Unavailable("no ck.plan_cascade")
     held = {}
 
     def plan():
-        held["plan"] = ck.plan_decode(data.kv, **_plan_kwargs(data))
+        level = ck.CascadeLevel(qo_indptr=data.qo_indptr, kv=data.kv)
+        held["plan"] = ck.plan_cascade([level], **_plan_kwargs(data))
 
     plan()
     return Impl(run=lambda: held["plan"].run(data.q, data.q_pos, data.k_cache, data.v_cache), plan=plan)

@@ -52,20 +52,21 @@ class Launcher:
         self.num_runtime = len(runtime)
 
     def _key(self, args, num_warps, num_stages, constexprs, device):
-        key = [device, num_warps, num_stages]
+        """One entry per runtime argument: finer than Triton's specialization, never coarser. The common
+        classes are tested first by identity (ints are most of the arguments)."""
+        key = [device, num_warps, num_stages, constexprs]
         append = key.append
+        low, high = _INT32
         for a, unspecialized in zip(args, self.unspecialized):
-            if isinstance(a, torch.Tensor):
-                append(a.dtype)
-                append(a.data_ptr() & 15 == 0)
-            elif isinstance(a, float):
-                append(float)
-            elif unspecialized:
-                append(_INT32[0] <= a < _INT32[1])
-            else:
-                append(type(a))
-                append(a)  # the value itself: finer than Triton's classes, never coarser
-        key.extend(constexprs)
+            cls = a.__class__
+            if cls is int:
+                append(low <= a < high if unspecialized else a)  # range only, or the value itself
+            elif cls is float:
+                append(float)  # never specialized
+            elif isinstance(a, torch.Tensor):
+                append((a.dtype, a.data_ptr() & 15 == 0))
+            else:  # bool, None, numpy scalars: the class and the value
+                append((cls, a))
         return tuple(key)
 
     def __call__(self, grid, *args, num_warps=None, num_stages=None, **kwargs):

@@ -34,9 +34,17 @@ def interpreter_problem() -> str | None:
     return None
 
 
+def cdiv(a, b):
+    """``ceil(a / b)`` for ints or integer tensors and ``b > 0``, on the host.
+
+    (``triton.cdiv`` and ``triton.next_power_of_2`` go through Triton's constexpr-function wrapper, about
+    2 us a call, several times per launch.)"""
+    return (a + b - 1) // b
+
+
 def padded(n: int, minimum: int = 16) -> int:
     """The power of two at least ``n`` and ``minimum``: the constexpr size a masked dimension is padded to."""
-    return max(minimum, triton.next_power_of_2(n))
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
 @triton.jit

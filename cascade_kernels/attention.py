@@ -12,12 +12,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from . import configs as _configs
 from ._attention_kernel import _paged_attention_kernel
 from ._launch import Launcher
-from ._triton import interpreting, padded
+from ._triton import cdiv, interpreting, padded
 from ._validation import FLOAT_DTYPES, check_head_counts, check_indptr, check_options, check_tensor
 from .merge import _launch_merge_states
 from .types import PagedKV
@@ -241,8 +240,8 @@ def paged_prefill(q, q_pos, qo_indptr, k_cache, v_cache, kv, *, causal=True, sm_
     # Work tiles per segment, counted on the device (no host sync); the grid is an upper bound on them.
     rows = (qo_indptr[1:] - qo_indptr[:-1]) * geometry.group
     tile_indptr = torch.zeros(num_segments + 1, dtype=torch.int32, device=q.device)
-    torch.cumsum(triton.cdiv(rows, config.block_m), 0, dtype=torch.int32, out=tile_indptr[1:])
-    num_tiles = triton.cdiv(q.shape[0] * geometry.group, config.block_m) + num_segments
+    torch.cumsum(cdiv(rows, config.block_m), 0, dtype=torch.int32, out=tile_indptr[1:])
+    num_tiles = cdiv(q.shape[0] * geometry.group, config.block_m) + num_segments
     if num_splits is None:
         max_kv = kv.indices.numel() * geometry.page_size  # an upper bound known without a sync
         num_splits = choose_splits(num_tiles * geometry.num_kv_heads, max_kv, config.block_n, q.device)
@@ -287,7 +286,7 @@ def paged_decode(q, q_pos, k_cache, v_cache, kv, *, causal=True, sm_scale=None, 
                                     page_size=geometry.page_size, dtype=q.dtype, q_len=1,
                                     kv_len=kv.indices.numel() * geometry.page_size / max(num_segments, 1),
                                     device=q.device)
-    tiles_per_token = triton.cdiv(geometry.group, config.block_m)
+    tiles_per_token = cdiv(geometry.group, config.block_m)
     qo_indptr, tile_indptr = decode_indptrs(num_segments, tiles_per_token, q.device)
     if num_splits is None:
         max_kv = kv.indices.numel() * geometry.page_size

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from . import configs as _configs
 from .attention import (
@@ -29,6 +28,7 @@ from .attention import (
     choose_splits,
     launch_attention,
 )
+from ._triton import cdiv
 from ._validation import FLOAT_DTYPES, check_head_counts, check_options, check_tensor, validation
 from .fold import fold_levels
 from .merge import _launch_merge_states
@@ -101,7 +101,7 @@ class CascadePlan:
         config = _configs.select_config(kind, head_dim=g.head_dim, group=g.group, page_size=g.page_size,
                                         dtype=self.dtype, q_len=sum(n for n, _ in busy) / max(len(busy), 1),
                                         kv_len=sum(m for _, m in busy) / max(len(busy), 1), device=self.device)
-        tiles = [triton.cdiv(n * g.group, config.block_m) for n in q_lens]
+        tiles = [cdiv(n * g.group, config.block_m) for n in q_lens]
         tile_indptr = [0]
         for t in tiles:
             tile_indptr.append(tile_indptr[-1] + t)

@@ -9,11 +9,10 @@ identity, and two empty states merge to ``-inf`` and zeros, never NaN.
 from __future__ import annotations
 
 import torch
-import triton
 
 from ._launch import Launcher
 from ._merge_kernels import _merge_states_kernel, _merge_two_kernel
-from ._triton import interpreting, padded
+from ._triton import cdiv, interpreting, padded
 from ._validation import FLOAT_DTYPES, check_tensor
 
 _MERGE_TWO = Launcher(_merge_two_kernel)
@@ -34,7 +33,7 @@ def _blocks(num_rows: int, num_heads: int, head_dim: int) -> tuple[int, int]:
     block_h = min(padded(num_heads, minimum=1), max(1, _ELEMENTS_PER_PROGRAM // block_d))
     # (Not under the interpreter, which runs programs one after another: there more programs only cost.)
     min_programs = 1 if interpreting() else _MIN_PROGRAMS
-    while block_h > 1 and num_rows * triton.cdiv(num_heads, block_h) < min_programs:
+    while block_h > 1 and num_rows * cdiv(num_heads, block_h) < min_programs:
         block_h //= 2
     return block_h, block_d
 
@@ -93,7 +92,7 @@ def merge_state(o_a, lse_a, o_b, lse_b, *, out=None):
     if n == 0 or num_heads == 0:
         return o_out, lse_out
     block_h, block_d = _blocks(n, num_heads, head_dim)
-    grid = (n, triton.cdiv(num_heads, block_h))
+    grid = (n, cdiv(num_heads, block_h))
     _MERGE_TWO(
         grid, o_a, lse_a, o_b, lse_b, o_out, lse_out,
         num_heads, head_dim,
@@ -146,7 +145,7 @@ def _launch_merge_states(o, lse, out, sinks, out_dtype=None):
         return o_out, lse_out
     block_h, block_d = _blocks(n, num_heads, head_dim)
     block_k = _states_per_load(n, k, block_h, block_d)
-    grid = (n, triton.cdiv(num_heads, block_h))
+    grid = (n, cdiv(num_heads, block_h))
     _MERGE_STATES(
         grid, o, lse, sinks if sinks is not None else lse, o_out, lse_out,
         k, num_heads, head_dim,

@@ -22,10 +22,9 @@ import functools
 import math
 
 import torch
-import triton
 
 from ._rope_kernels import _append_kv_kernel, _rope_kernel, _rotate_keys_kernel
-from ._triton import interpreting, padded
+from ._triton import cdiv, interpreting, padded
 from ._validation import FLOAT_DTYPES, check_indptr, check_tensor, validation_enabled
 from .types import PagedKV
 
@@ -135,7 +134,7 @@ def apply_rope(x, pos, *, theta=10000.0, interleave=False, rotary_dim=None, out=
         return out
     half = rotary_dim // 2
     block_n, block_h, block_half, block_pass = _blocks(n, num_heads, half, head_dim)
-    _rope_kernel[(triton.cdiv(n, block_n), triton.cdiv(num_heads, block_h))](
+    _rope_kernel[(cdiv(n, block_n), cdiv(num_heads, block_h))](
         x, out, pos, _turns(theta, rotary_dim, x.device),
         n, num_heads, head_dim, half,
         *x.stride(), *out.stride(),
@@ -217,7 +216,7 @@ def append_kv(k, v, k_cache, v_cache, slots, *, pos=None, rope_theta=None, rope_
     half = rotary_dim // 2 if rope else head_dim // 2
     block_n, block_h, block_half, block_pass = _blocks(n, num_heads, half, head_dim)
     turns = _turns(rope_theta, rotary_dim, device) if rope else slots
-    _append_kv_kernel[(triton.cdiv(n, block_n), triton.cdiv(num_heads, block_h))](
+    _append_kv_kernel[(cdiv(n, block_n), cdiv(num_heads, block_h))](
         k, v, k_cache, v_cache, slots, pos if rope else slots, turns,
         n, num_heads, head_dim, half, page_size,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
@@ -280,7 +279,7 @@ def rotate_keys(k_cache, kv, delta, *, theta, interleave=False, rotary_dim=None)
         return k_cache
     half = rotary_dim // 2
     block_t, block_h, block_half, _ = _blocks(page_size, num_heads, half, head_dim)
-    grid = (num_entries, triton.cdiv(page_size, block_t), triton.cdiv(num_heads, block_h))
+    grid = (num_entries, cdiv(page_size, block_t), cdiv(num_heads, block_h))
     _rotate_keys_kernel[grid](
         k_cache, kv.indptr, kv.indices, kv.lens, delta, _turns(theta, rotary_dim, k_cache.device),
         kv.num_segments, num_heads, head_dim, half, page_size,

@@ -41,13 +41,15 @@ class Options:
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Launch parameters of the attention kernel: tile sizes, warps, software-pipelining depth."""
+    """Launch parameters of the attention kernel: tile sizes, warps, software-pipelining depth, and the
+    split policy: ``waves`` is how many programs per SM the automatic KV split count aims for."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     prefetch: bool = False  # load the next KV tile into registers before computing this one
+    waves: int = 2
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,11 @@ def _check_num_splits(num_splits):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
 
 
-def choose_splits(num_programs: int, max_kv_len: int, block_n: int, device: torch.device) -> int:
-    """Splits per segment so that about two waves of programs fill the GPU, each split >= 4 KV tiles."""
+def choose_splits(num_programs: int, max_kv_len: int, block_n: int, device: torch.device, waves: int = 2) -> int:
+    """Splits per segment so that about ``waves`` programs per SM fill the GPU, each split >= 4 KV tiles."""
     if num_programs <= 0 or max_kv_len <= 0:
         return 1
-    wanted = math.ceil(2 * num_sms(device) / num_programs)
+    wanted = math.ceil(waves * num_sms(device) / num_programs)
     return max(1, min(wanted, math.ceil(max_kv_len / (4 * block_n)), 256))
 
 
@@ -244,7 +246,8 @@ def paged_prefill(q, q_pos, qo_indptr, k_cache, v_cache, kv, *, causal=True, sm_
     num_tiles = cdiv(q.shape[0] * geometry.group, config.block_m) + num_segments
     if num_splits is None:
         max_kv = kv.indices.numel() * geometry.page_size  # an upper bound known without a sync
-        num_splits = choose_splits(num_tiles * geometry.num_kv_heads, max_kv, config.block_n, q.device)
+        num_splits = choose_splits(num_tiles * geometry.num_kv_heads, max_kv, config.block_n, q.device,
+                                   config.waves)
     return _run(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options, config,
                 num_splits, reverse_tiles=causal)
 
@@ -291,7 +294,7 @@ def paged_decode(q, q_pos, k_cache, v_cache, kv, *, causal=True, sm_scale=None, 
     if num_splits is None:
         max_kv = kv.indices.numel() * geometry.page_size
         num_splits = choose_splits(num_segments * tiles_per_token * geometry.num_kv_heads, max_kv,
-                                   config.block_n, q.device)
+                                   config.block_n, q.device, config.waves)
     return _run(q, q_pos, qo_indptr, tile_indptr, num_segments * tiles_per_token, k_cache, v_cache, kv, geometry,
                 options, config, num_splits, reverse_tiles=False)
 

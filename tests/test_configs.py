@@ -109,7 +109,7 @@ def test_written_file_loads_back_with_meta_apart(tmp_path):
     assert set(doc) == {"meta", "configs", "timings"}
     assert set(doc["meta"]) == {"family", "gpu", "triton", "torch", "date", "commit"}
     assert doc["configs"]["d64_g8_p1_fp16_q1_kv64k"] == {"block_m": 16, "block_n": 16, "num_warps": 2,
-                                                         "num_stages": 2, "prefetch": True}
+                                                         "num_stages": 2, "prefetch": True, "waves": 2}
     loaded = configs.load_configs(path)
     assert loaded.family == "decode" and loaded.meta["gpu"] == FAKE_GPU
     assert loaded.configs == {configs.parse_bucket("d128_g4_p16_bf16_q1_kv1k"): A,
@@ -155,7 +155,23 @@ CORRUPT = {
     "unknown field": (_set((*BUCKET, "blockm"), 64), "unknown fields ['blockm']"),
     "prefetch a string": (_set((*BUCKET, "prefetch"), "yes"), "prefetch must be a bool"),
     "num_warps 3": (_set((*BUCKET, "num_warps"), 3), "num_warps must be a power of two"),
+    "waves 0": (_set((*BUCKET, "waves"), 0), "waves must be an int in [1, 16]"),
+    "waves a float": (_set((*BUCKET, "waves"), 2.0), "waves must be an int in [1, 16]"),
 }
+
+
+def test_optional_fields_default(tmp_path):
+    """A config without ``prefetch`` and ``waves`` (files from before the split policy was tuned) loads
+    with the defaults; ``waves`` sets the automatic split count's target."""
+    path = configs.config_path("prefill", FAKE_GPU, tmp_path)
+    path.write_text(json.dumps(_valid_doc()))
+    (config,) = configs.load_configs(path).configs.values()
+    assert config == TileConfig(128, 64, 8, 2, prefetch=False, waves=2)
+    from cascade_kernels.attention import choose_splits, num_sms
+
+    sms = num_sms(torch.device(DEVICE))
+    assert choose_splits(sms, 1 << 20, 64, torch.device(DEVICE), waves=4) == 4
+    assert choose_splits(sms, 1 << 20, 64, torch.device(DEVICE)) == 2
 
 
 @pytest.mark.parametrize("case", list(CORRUPT))
@@ -318,7 +334,8 @@ class FakeClock:
         return self.now
 
 
-def _fake_search(tmp_path, tasks, times, bad, clock, deadline=1e9, resume=False, calls=None, healthy=lambda: True):
+def _fake_search(tmp_path, tasks, times, bad, clock, deadline=1e9, resume=False, calls=None, healthy=lambda: True,
+                 refine=lambda task, best: []):
     """search.run with a fake timer (``times[config]`` ms, a missing config raises) and a fake check."""
     from tuning import search
 
@@ -334,7 +351,7 @@ def _fake_search(tmp_path, tasks, times, bad, clock, deadline=1e9, resume=False,
                       make_problem=lambda t, dev: t, timer=timer,
                       check=lambda t, c, dev: "o: wrong" if c in bad else None,
                       deadline=deadline, resume=resume, clock=clock, bar=False, healthy=healthy,
-                      meta={**META, "gpu": FAKE_GPU})
+                      meta={**META, "gpu": FAKE_GPU}, refine=refine)
 
 
 def _tasks():
@@ -355,6 +372,21 @@ def test_search_picks_the_fastest_correct_candidate(tmp_path):
     configs.clear_cache()
     _fake_search(tmp_path, _tasks()[:1], {A: 1.0, B: 0.99}, bad=set(), clock=FakeClock())
     assert set(configs.load_configs(configs.config_path("decode", FAKE_GPU, tmp_path)).configs.values()) == {A}
+
+
+def test_search_tries_the_split_policy_of_the_fastest(tmp_path):
+    """The second stage times the first stage's winner at other ``waves`` and keeps a faster one."""
+    from dataclasses import replace
+
+    from tuning import space
+
+    assert space.refinements(None, B) == [replace(B, waves=1), replace(B, waves=4)]
+    times = {A: 1.0, B: 0.9, replace(B, waves=4): 0.7}  # waves=1 cannot run
+    _fake_search(tmp_path, _tasks()[:1], times, bad=set(), clock=FakeClock(), refine=space.refinements)
+    loaded = configs.load_configs(configs.config_path("decode", FAKE_GPU, tmp_path))
+    assert set(loaded.configs.values()) == {replace(B, waves=4)}
+    assert loaded.timings["d128_g4_p16_bf16_q1_kv1k"] == {"ms": 0.7, "heuristic_ms": 1.0, "candidates": 6,
+                                                          "failed": 3}
 
 
 def test_search_stops_on_its_budget_and_resumes(tmp_path):

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         summary = search.run(
             tasks, out=out, device=device, candidates=cands, make_problem=measure.timed_problem, timer=timer,
             check=measure.check_config, deadline=start + args.time_budget, resume=args.resume, meta=meta,
-            healthy=healthy, cleanup=cleanup, bar=not args.no_bar)
+            healthy=healthy, cleanup=cleanup, bar=not args.no_bar, refine=space.refinements)
     except ValueError as e:  # a progress file that cannot be resumed
         print(f"python -m tuning: {e}", file=sys.stderr)
         return 2

@@ -143,7 +143,8 @@ def progress_bar(total: int, enabled: bool = True):
 
 
 def _name(c: TileConfig) -> str:
-    return f"m{c.block_m}_n{c.block_n}_w{c.num_warps}_s{c.num_stages}" + ("_pf" if c.prefetch else "")
+    return (f"m{c.block_m}_n{c.block_n}_w{c.num_warps}_s{c.num_stages}" + ("_pf" if c.prefetch else "")
+            + (f"_x{c.waves}" if c.waves != 2 else ""))
 
 
 class DeviceLost(RuntimeError):
@@ -161,12 +162,13 @@ class Summary:
 
 def run(tasks: list[Task], *, out: Path, device, candidates, make_problem, timer, check, deadline: float,
         resume: bool = False, meta: dict, healthy=lambda: True, clock=time.monotonic, bar: bool = True,
-        cleanup=lambda: None) -> Summary:
+        cleanup=lambda: None, refine=lambda task, best: []) -> Summary:
     """Tune ``tasks`` in order until done or ``clock() >= deadline``; write files after every task.
 
-    ``candidates(task)`` lists configs (the heuristic first), ``make_problem(task, device)`` the timed
-    input, ``timer(problem, config)`` milliseconds (raises if the config cannot run), ``check(task,
-    config, device)`` ``None`` or what is wrong, ``healthy()`` whether the device survived an error.
+    ``candidates(task)`` lists configs (the heuristic first), ``refine(task, best)`` a second stage of
+    variants of the first stage's fastest config, ``make_problem(task, device)`` the timed input,
+    ``timer(problem, config)`` milliseconds (raises if the config cannot run), ``check(task, config,
+    device)`` ``None`` or what is wrong, ``healthy()`` whether the device survived an error.
     """
     out = Path(out)
     slug = configs.device_slug(meta["gpu"])
@@ -186,8 +188,8 @@ def run(tasks: list[Task], *, out: Path, device, candidates, make_problem, timer
                 break
             pbar.set_postfix_str(f"{task.family} {task.key}")
             t0 = clock()
-            result = _tune(task, device, candidates, make_problem, timer, check, deadline, healthy, clock, checked,
-                           log, cleanup)
+            result = _tune(task, device, candidates, refine, make_problem, timer, check, deadline, healthy, clock,
+                           checked, log, cleanup)
             if result is None:
                 summary.stopped_by_budget = True
                 break
@@ -213,7 +215,8 @@ def run(tasks: list[Task], *, out: Path, device, candidates, make_problem, timer
     return summary
 
 
-def _tune(task, device, candidates, make_problem, timer, check, deadline, healthy, clock, checked, log, cleanup):
+def _tune(task, device, candidates, refine, make_problem, timer, check, deadline, healthy, clock, checked, log,
+          cleanup):
     """One task: its result dict, or None when the deadline came first (nothing recorded, resumable)."""
     cands = candidates(task)
     try:
@@ -223,10 +226,12 @@ def _tune(task, device, candidates, make_problem, timer, check, deadline, health
         return {"config": None, "reason": f"input: {type(e).__name__}: {str(e)[:200]}"}
     times: dict = {}
     errors: dict = {}
-    try:
-        for c in cands:
+
+    def time_all(problem, configs) -> bool:
+        """Time ``configs`` into ``times``/``errors``; False when the deadline came first."""
+        for c in configs:
             if clock() >= deadline:
-                return None
+                return False
             try:
                 times[c] = timer(problem, c)
             except Exception as e:
@@ -236,6 +241,16 @@ def _tune(task, device, candidates, make_problem, timer, check, deadline, health
                     log("".join(traceback.format_exception(type(e), e, e.__traceback__))[-2000:])
                 if not healthy():
                     raise DeviceLost(f"device unusable after {_name(c)} on {task.key}: {errors[c]}") from e
+        return True
+
+    try:
+        if not time_all(problem, cands):
+            return None
+        if times:  # the second stage: variants of the fastest (the split policy)
+            extra = [c for c in refine(task, min(times, key=times.get)) if c not in times and c not in errors]
+            cands = cands + extra
+            if not time_all(problem, extra):
+                return None
     finally:
         del problem
         cleanup()

@@ -8,7 +8,7 @@ or, for a head dim / dtype with none, to the heuristic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -96,6 +96,15 @@ def candidates(task: Task) -> list[TileConfig]:
     base = task.heuristic()
     return [base] + [c for c in space if c != base and keep(task, c)]
 
+
+def refinements(task: Task, best: TileConfig) -> list[TileConfig]:
+    """The second stage: the split policy of the first stage's winner (programs per SM the automatic
+    split count aims for; 2 in the first stage). One compiled kernel serves all: splits are a runtime
+    argument."""
+    return [replace(best, waves=w) for w in WAVES if w != best.waves]
+
+
+WAVES = (1, 2, 4)
 
 # Timed batches per family: (q_len, kv_len, batch). Decode: short, long and very long contexts. Prefill:
 # a cascade's shared level (a batch of decode tokens over a long shared prefix), chunked prefill, and a

@@ -1,14 +1,13 @@
 """Launching compiled kernels with less host time than ``kernel[grid](...)``.
 
-``kernel[grid](*args)`` binds and specializes every argument (about 45 for the attention kernel), hashes
-the result and looks the compiled kernel up on each call: measured on an H200 host, about 70 us a launch,
-more than a decode step's kernel takes on the GPU. ``Launcher`` keys the compiled kernel by a cheaper
-tuple that determines Triton's specialization (see ``_key``), takes the slow path once per new key, and
-afterwards calls the compiled kernel's launcher directly, the way ``JITFunction.run`` itself does.
-
-The direct call uses ``CompiledKernel.run`` as ``JITFunction.run`` does in triton 3.6 to 3.9 (the versions
-this was checked against); with any other version, under the interpreter, or if the compiled kernel does
-not look as expected, every launch goes through ``kernel[grid](...)``.
+``kernel[grid](*args)`` binds and specializes every argument (39 runtime ones for the attention kernel),
+hashes the result and looks the compiled kernel up, on each call: about 70 us of host time a launch,
+measured on an H200 machine, more than a decode step takes on the GPU. ``Launcher`` keys the compiled
+kernel by a cheaper tuple that is never coarser than Triton's specialization (see ``_key``), takes the
+slow path once per new key, and afterwards calls the compiled kernel's launcher directly, with the
+arguments ``JITFunction.run`` passes it in triton 3.6 to 3.9 (the versions this was checked against).
+With any other version, under the interpreter, or if the compiled kernel does not look as expected,
+every launch goes through ``kernel[grid](...)``.
 """
 
 from __future__ import annotations
@@ -21,13 +20,13 @@ from ._triton import interpreting, version_tuple
 
 _INT32 = (-(2**31), 2**31)
 _CHECKED_VERSIONS = ((3, 6), (3, 9))
+_MAX_ENTRIES = 4096  # a guard against unbounded growth (say, strides of ever-new shapes); cleared when full
 
 
 def fast_launch_supported() -> bool:
     """Whether the direct launch applies: compiled kernels on a triton version it was checked against."""
     low, high = _CHECKED_VERSIONS
     return not interpreting() and low <= version_tuple(triton.__version__) <= high and hasattr(triton, "knobs")
-_MAX_ENTRIES = 4096  # a guard against unbounded growth (say, strides of ever-new shapes); cleared when full
 
 
 class Launcher:

@@ -227,9 +227,9 @@ def _tune(task, device, candidates, refine, make_problem, timer, check, deadline
     times: dict = {}
     errors: dict = {}
 
-    def time_all(problem, configs) -> bool:
-        """Time ``configs`` into ``times``/``errors``; False when the deadline came first."""
-        for c in configs:
+    def time_all(problem, todo) -> bool:
+        """Time the configs ``todo`` into ``times``/``errors``; False when the deadline came first."""
+        for c in todo:
             if clock() >= deadline:
                 return False
             try:

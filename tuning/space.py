@@ -97,14 +97,14 @@ def candidates(task: Task) -> list[TileConfig]:
     return [base] + [c for c in space if c != base and keep(task, c)]
 
 
+WAVES = (1, 2, 4)  # programs per SM the automatic KV split count aims for (2: the heuristic's)
+
+
 def refinements(task: Task, best: TileConfig) -> list[TileConfig]:
     """The second stage: the split policy of the first stage's winner (programs per SM the automatic
     split count aims for; 2 in the first stage). One compiled kernel serves all: splits are a runtime
     argument."""
     return [replace(best, waves=w) for w in WAVES if w != best.waves]
-
-
-WAVES = (1, 2, 4)
 
 # Timed batches per family: (q_len, kv_len, batch). Decode: short, long and very long contexts. Prefill:
 # a cascade's shared level (a batch of decode tokens over a long shared prefix), chunked prefill, and a

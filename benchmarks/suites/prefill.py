@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..layout import attn_data
 from ..peers import flashinfer_peers, torch_peers
 from ..runner import Case, Impl, Unavailable, Work
-from .decode import _plan_kwargs, capped_flex
+from .decode import capped_flex, ours_plan  # ours_plan: a one-level plan, for any batch
 
 NAME = "prefill"
 REQUIRES = ("paged_prefill",)
@@ -73,23 +73,6 @@ def ours(data) -> Impl:
         raise Unavailable("no ck.paged_prefill")
     return Impl(run=lambda: ck.paged_prefill(data.q, data.q_pos, data.qo_indptr, data.k_cache, data.v_cache,
                                              data.kv, causal=True))
-
-
-def ours_plan(data) -> Impl:
-    """The serving path: ``ck.plan_cascade`` over one level (this batch's segments) once, timed as
-    planning, then ``plan.run(q, q_pos, k_cache, v_cache)``, which only launches kernels."""
-    import cascade_kernels as ck
-
-    if not hasattr(ck, "plan_cascade"):
-        raise Unavailable("no ck.plan_cascade")
-    held = {}
-
-    def plan():
-        level = ck.CascadeLevel(qo_indptr=data.qo_indptr, kv=data.kv)
-        held["plan"] = ck.plan_cascade([level], **_plan_kwargs(data))
-
-    plan()
-    return Impl(run=lambda: held["plan"].run(data.q, data.q_pos, data.k_cache, data.v_cache), plan=plan)
 
 
 def impls(ctx) -> list:

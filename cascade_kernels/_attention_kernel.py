@@ -102,15 +102,30 @@ def _load_kv(ptrs, row_ok, mask_d, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr)
 
 
 @triton.jit
-def _load_tile(k_ptr, v_ptr, page_table_ptr, start, kv_len, limit, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
+def _load_tile(k_src, v_src, page_table_ptr, start, kv_len, limit, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
                offs_d, mask_d, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               PAGE_ALIGNED: tl.constexpr):
-    """Key and value tiles ``[BLOCK_N, BLOCK_D]`` of KV tokens from ``start``; both loads issued together."""
+               PAGE_ALIGNED: tl.constexpr, TMA: tl.constexpr):
+    """Key and value tiles ``[BLOCK_N, BLOCK_D]`` of KV tokens from ``start``; both loads issued together.
+
+    ``k_src``/``v_src`` are pointers to this KV head's slice of the caches, or with ``TMA`` tensor
+    descriptors over ``[pages * page_size, head_dim]`` row views of them: the tile lies in one page
+    (``PAGE_ALIGNED``), so it is one block copy from row ``page * page_size + start % page_size``.
+    """
     row_ok = _live_rows(start, kv_len, limit, BLOCK_N)
-    k_rows = _tile_rows(page_table_ptr, start, kv_len, limit, page_size, s_kp, s_ks, BLOCK_N, PAGE_ALIGNED)
-    v_rows = _tile_rows(page_table_ptr, start, kv_len, limit, page_size, s_vp, s_vs, BLOCK_N, PAGE_ALIGNED)
-    k = _load_kv(k_ptr + k_rows[:, None] + offs_d[None, :] * s_kd, row_ok, mask_d, ROW_MASK, EVEN_D)
-    v = _load_kv(v_ptr + v_rows[:, None] + offs_d[None, :] * s_vd, row_ok, mask_d, ROW_MASK, EVEN_D)
+    if TMA:
+        page = tl.load(page_table_ptr + start // page_size)
+        row = page * page_size + start % page_size
+        k = k_src.load([row, 0])
+        v = v_src.load([row, 0])
+        if ROW_MASK:
+            # rows past the segment's end hold whatever the page holds (NaN included): the scores mask
+            # hides them from the logits, and this keeps 0 * NaN out of p @ v
+            v = tl.where(row_ok[:, None], v, 0.0)
+    else:
+        k_rows = _tile_rows(page_table_ptr, start, kv_len, limit, page_size, s_kp, s_ks, BLOCK_N, PAGE_ALIGNED)
+        v_rows = _tile_rows(page_table_ptr, start, kv_len, limit, page_size, s_vp, s_vs, BLOCK_N, PAGE_ALIGNED)
+        k = _load_kv(k_src + k_rows[:, None] + offs_d[None, :] * s_kd, row_ok, mask_d, ROW_MASK, EVEN_D)
+        v = _load_kv(v_src + v_rows[:, None] + offs_d[None, :] * s_vd, row_ok, mask_d, ROW_MASK, EVEN_D)
     return k, v
 
 
@@ -123,7 +138,7 @@ def _attend_range(
     lo, hi,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     PAGE_ALIGNED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Online-softmax accumulation over the KV tiles starting in ``[lo, hi)`` (``lo`` BLOCK_N-aligned).
 
@@ -137,18 +152,18 @@ def _attend_range(
     if PREFETCH:
         k_next, v_next = _load_tile(k_ptr, v_ptr, page_table_ptr, lo, kv_len, hi, page_size,
                                     s_kp, s_ks, s_kd, s_vp, s_vs, s_vd, offs_d, mask_d,
-                                    True, EVEN_D, BLOCK_N, PAGE_ALIGNED)
+                                    True, EVEN_D, BLOCK_N, PAGE_ALIGNED, False)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         if PREFETCH:
             k = k_next
             v = v_next
             k_next, v_next = _load_tile(k_ptr, v_ptr, page_table_ptr, start + BLOCK_N, kv_len, hi, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
-                                        offs_d, mask_d, True, EVEN_D, BLOCK_N, PAGE_ALIGNED)
+                                        offs_d, mask_d, True, EVEN_D, BLOCK_N, PAGE_ALIGNED, False)
         else:
             k, v = _load_tile(k_ptr, v_ptr, page_table_ptr, start, kv_len, hi, page_size,
                               s_kp, s_ks, s_kd, s_vp, s_vs, s_vd, offs_d, mask_d,
-                              MASKED or (not EVEN_D), EVEN_D, BLOCK_N, PAGE_ALIGNED)
+                              MASKED or (not EVEN_D), EVEN_D, BLOCK_N, PAGE_ALIGNED, TMA)
         s = _tile_scores(q, k, q_pos, offs_n, kv_start, kv_len, qk_scale, softcap,
                          MASKED, CAUSAL, HAS_WINDOW, window_left, HAS_SOFTCAP, INTERPRET)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -163,7 +178,7 @@ def _attend_range(
 
 # Batch-dependent integers are not specialized (Triton would otherwise compile a new variant when, say,
 # the number of segments crosses a multiple of 16 in the middle of serving).
-@triton.jit(do_not_specialize=["num_segments", "num_splits", "window_left", "slot_offset"])
+@triton.jit(do_not_specialize=["num_segments", "num_splits", "num_pages", "window_left", "slot_offset"])
 def _paged_attention_kernel(
     q_ptr,            # [num_tokens, num_q_heads, head_dim]
     q_pos_ptr,        # [num_tokens] int32
@@ -177,7 +192,7 @@ def _paged_attention_kernel(
     sinks_ptr,        # [num_q_heads] fp32, read only when HAS_SINKS
     o_ptr,            # final: [num_tokens, num_q_heads, head_dim]; split: [num_tokens, slots, num_q_heads, head_dim] fp32
     lse_ptr,          # final: [num_tokens, num_q_heads] fp32; split: [num_tokens, slots, num_q_heads] fp32
-    num_segments, num_kv_heads, num_splits, page_size, qk_scale, softcap, window_left, slot_offset,
+    num_segments, num_kv_heads, num_splits, num_pages, page_size, qk_scale, softcap, window_left, slot_offset,
     s_qt, s_qh, s_qd,
     s_kp, s_ks, s_kh, s_kd,
     s_vp, s_vs, s_vh, s_vd,
@@ -186,13 +201,15 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    PAGE_ALIGNED: tl.constexpr, REVERSE_TILES: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
+    PAGE_ALIGNED: tl.constexpr, REVERSE_TILES: tl.constexpr, PREFETCH: tl.constexpr, TMA: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Grid ``(work tiles * num_kv_heads * num_splits,)``. Writes normalised ``o`` and natural-log ``lse`` of
     its rows for its split (slot ``slot_offset + split``); the wrapper merges splits when there are several.
     """
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads HEAD_DIM")
+    tl.static_assert(not TMA or (PAGE_ALIGNED and not PREFETCH), "block copies need page-aligned tiles")
     # One flat grid, KV head fastest, then split, then work tile: the programs that run side by side
     # read the same pages (each head's slice of them), so a page is fetched from DRAM while it is hot.
     pid = tl.program_id(0)
@@ -260,18 +277,25 @@ def _paged_attention_kernel(
     page_table = kv_indices_ptr + tl.load(kv_indptr_ptr + seg)
     k_head = k_ptr + kv_head.to(tl.int64) * s_kh
     v_head = v_ptr + kv_head.to(tl.int64) * s_vh
+    if TMA:
+        # the cache viewed as rows of one KV head: row page * page_size + slot (the host checked that
+        # pages are row-contiguous, strides 16-byte multiples, and pages * page_size < 2^31)
+        k_head = tl.make_tensor_descriptor(k_head, shape=[num_pages * page_size, HEAD_DIM], strides=[s_ks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_head = tl.make_tensor_descriptor(v_head, shape=[num_pages * page_size, HEAD_DIM], strides=[s_vs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
         offs_d, kv_start, kv_len, qk_scale, softcap, window_left, a, mid_lo,
-        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, INTERPRET)
+        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, TMA, INTERPRET)
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
         offs_d, kv_start, kv_len, qk_scale, softcap, window_left, mid_lo, mid_hi,
-        False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, INTERPRET)
+        False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, TMA, INTERPRET)
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
         offs_d, kv_start, kv_len, qk_scale, softcap, window_left, mid_hi, b,
-        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, INTERPRET)
+        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, TMA, INTERPRET)
 
     if HAS_SINKS:
         # One more logit per head, value vector zero: it only grows the denominator. Applied only

@@ -16,6 +16,7 @@ import torch
 from . import configs as _configs
 from ._attention_kernel import _paged_attention_kernel
 from ._launch import Launcher
+from ._tma import ensure_allocator, tma_usable
 from ._triton import cdiv, interpreting, padded
 from ._validation import FLOAT_DTYPES, check_head_counts, check_indptr, check_options, check_tensor
 from .merge import _launch_merge_states
@@ -49,6 +50,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     prefetch: bool = False  # load the next KV tile into registers before computing this one
+    tma: bool = True  # page-aligned tiles as block copies where the GPU and the cache allow (``_tma.py``)
     waves: int = 2
 
 
@@ -155,21 +157,25 @@ def launch_attention(
         s_ot, s_oslot, s_oh, s_od = o.stride()
         s_lt, s_lslot, s_lh = lse.stride()
     has_sinks = apply_sinks and options.sinks is not None
+    block_d = padded(geometry.head_dim)
+    tma = config.tma and tma_usable(k_cache, v_cache, config.block_n, block_d, config.prefetch)
+    if tma:
+        ensure_allocator()
     grid = (num_tiles * geometry.num_kv_heads * num_splits,)
     _ATTENTION(
         grid, q, q_pos, qo_indptr, tile_indptr, k_cache, v_cache,
         kv.indptr, kv.indices, kv.lens, kv.start_pos,
         options.sinks if has_sinks else lse, o, lse,
-        kv.num_segments, geometry.num_kv_heads, num_splits, geometry.page_size, options.sm_scale,
+        kv.num_segments, geometry.num_kv_heads, num_splits, geometry.num_pages, geometry.page_size, options.sm_scale,
         options.softcap or 1.0, options.window_left or 0, slot_offset,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-        GROUP=geometry.group, HEAD_DIM=geometry.head_dim, BLOCK_D=padded(geometry.head_dim),
+        GROUP=geometry.group, HEAD_DIM=geometry.head_dim, BLOCK_D=block_d,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=options.causal, HAS_WINDOW=options.window_left is not None,
         HAS_SOFTCAP=options.softcap is not None, HAS_SINKS=has_sinks,
         PAGE_ALIGNED=geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles, PREFETCH=config.prefetch,
-        INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
+        TMA=tma, INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 

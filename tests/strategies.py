@@ -287,6 +287,7 @@ def paged_problem(
     layouts=LAYOUTS,
     min_segments: int = 1,
     causal=None,
+    page_size_choices=None,
 ) -> PagedProblem:
     """A paged prefill problem: ``S`` independent segments (requests), each at its own start position.
 
@@ -294,7 +295,7 @@ def paged_problem(
     ``[0, max_q]`` (exactly 1 with ``one_query_per_segment``), a start position anywhere in int32
     (so positions have gaps between segments), and query positions at the tail of the keys, after
     them, inside them, before them, or scattered (see ``QUERY_MODES``). ``causal`` fixes that option when
-    given. Returns a :class:`PagedProblem`: ``q, q_pos, qo_indptr, k_cache, v_cache, kv, options``,
+    given; ``page_size_choices`` replaces the page-size strategy. Returns a :class:`PagedProblem`: ``q, q_pos, qo_indptr, k_cache, v_cache, kv, options``,
     plus ``args`` / ``decode_args`` for the kernel calls, ``segment_kv`` (the dense keys, values and
     positions written into each segment) and the sizes ``dtype, page_size, num_q_heads, num_kv_heads,
     head_dim, layout``.
@@ -302,7 +303,7 @@ def paged_problem(
     max_q = MAX_Q if max_q is None else max_q
     max_kv = MAX_KV if max_kv is None else max_kv
     dtype = draw(st.sampled_from(dtypes))
-    page_size = draw(page_sizes())
+    page_size = draw(st.sampled_from(page_size_choices) if page_size_choices else page_sizes())
     head_dim = draw(st.sampled_from(head_dims or HEAD_DIMS))
     num_q_heads, num_kv_heads = draw(head_counts())
     layout = draw(st.sampled_from(layouts))
@@ -414,7 +415,7 @@ def cascade_problem(
     max_q = (24 if LARGE else 6) if max_q is None else max_q
     max_kv = MAX_KV if max_kv is None else max_kv
     dtype = draw(st.sampled_from(dtypes))
-    page_size = draw(page_sizes())
+    page_size = draw(st.sampled_from(page_size_choices) if page_size_choices else page_sizes())
     head_dim = draw(st.sampled_from(head_dims or HEAD_DIMS))
     num_q_heads, num_kv_heads = draw(head_counts())
     layout = draw(st.sampled_from(layouts))
@@ -550,7 +551,7 @@ def partition_problem(
     max_q = MAX_Q if max_q is None else max_q
     max_kv = MAX_KV if max_kv is None else max_kv
     dtype = draw(st.sampled_from(dtypes))
-    page_size = draw(page_sizes())
+    page_size = draw(st.sampled_from(page_size_choices) if page_size_choices else page_sizes())
     head_dim = draw(st.sampled_from(head_dims or HEAD_DIMS))
     num_q_heads, num_kv_heads = draw(head_counts())
     layout = draw(st.sampled_from(layouts))

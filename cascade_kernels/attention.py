@@ -43,15 +43,16 @@ class Options:
 @dataclass(frozen=True)
 class TileConfig:
     """Launch parameters of the attention kernel: tile sizes, warps, software-pipelining depth, and the
-    split policy: ``waves`` is how many programs per SM the automatic KV split count aims for."""
+    split policy: ``waves`` is how many programs per SM the automatic KV split count aims for. ``tma``
+    allows block copies of page-aligned KV tiles (off: every tile is gathered row by row)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     prefetch: bool = False  # load the next KV tile into registers before computing this one
-    tma: bool = True  # page-aligned tiles as block copies where the GPU and the cache allow (``_tma.py``)
     waves: int = 2
+    tma: bool = True  # page-aligned tiles as block copies where the GPU and the cache allow (``_tma.py``)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ or in the folder named by the environment variable ``CASCADE_KERNELS_CONFIG_DIR`
                                                 "num_stages": 3, "prefetch": false, "waves": 2}, ...},
      "timings": {"d128_g4_p16_bf16_q512_kv4k": {"ms": 0.41, "heuristic_ms": 0.47}, ...}}
 
-``prefetch`` (default false) and ``waves`` (programs per SM the KV split count aims for, default 2) may be
-left out. ``meta`` describes the file and is kept apart from the buckets; ``timings`` (optional) records what the
+``prefetch`` (default false), ``waves`` (programs per SM the KV split count aims for, default 2) and
+``tma`` (block copies of page-aligned KV tiles allowed, default true) may be left out. ``meta`` describes the file and is kept apart from the buckets; ``timings`` (optional) records what the
 tuning measured. Files are written by ``python -m tuning`` (see ``tuning/README.md``), never by hand.
 
 A bucket key names ``d``: the head-dim class (the power of two the kernel pads the head dim to),
@@ -247,7 +247,7 @@ def _config_from_json(path, key, value) -> _attention.TileConfig:
     where = f"{path}: configs[{key!r}]"
     if not isinstance(value, dict):
         raise ValueError(f"{where} must be an object, got {type(value).__name__}")
-    unknown = set(value) - set(_CONFIG_INTS) - {"prefetch", "waves"}
+    unknown = set(value) - set(_CONFIG_INTS) - {"prefetch", "waves", "tma"}
     if unknown:
         raise ValueError(f"{where} has unknown fields {sorted(unknown)}")
     for name in _CONFIG_INTS:
@@ -269,8 +269,11 @@ def _config_from_json(path, key, value) -> _attention.TileConfig:
     waves = value.get("waves", 2)
     if isinstance(waves, bool) or not isinstance(waves, int) or not 1 <= waves <= 16:
         raise ValueError(f"{where}.waves must be an int in [1, 16], got {waves!r}")
+    tma = value.get("tma", True)
+    if not isinstance(tma, bool):
+        raise ValueError(f"{where}.tma must be a bool, got {tma!r}")
     return _attention.TileConfig(value["block_m"], value["block_n"], value["num_warps"], value["num_stages"],
-                                 prefetch, waves)
+                                 prefetch, waves, tma)
 
 
 def _check_document(doc, path, family: str | None, device: str | None) -> ConfigFile:

@@ -34,9 +34,15 @@ def _has_tma() -> bool:
 
 
 def _spy_on_block_copies(mp) -> list:
-    """Record every ``tma_usable`` answer the launches get."""
+    """Record, for every launch, whether it used block copies and whether it should have: always on a
+    GPU with a TMA (and under the interpreter) for these caches, unless the config prefetches."""
     answers, real = [], attention.tma_usable
-    mp.setattr(attention, "tma_usable", lambda *a, **k: answers.append(real(*a, **k)) or answers[-1])
+
+    def spy(k_cache, v_cache, block_n, block_d, prefetch):
+        answers.append((real(k_cache, v_cache, block_n, block_d, prefetch), _has_tma() and not prefetch))
+        return answers[-1][0]
+
+    mp.setattr(attention, "tma_usable", spy)
     return answers
 
 
@@ -53,7 +59,7 @@ def test_prefill_with_block_copies(p):
         fast = ck.paged_prefill(*p.args, **p.options)
     check_outputs(*fast, reference.paged_prefill(*p.args, **p.options), p.q, msg=repr(p))
     if p.q.shape[0] and p.kv.indices.numel():
-        assert all(answers) == _has_tma() and answers, answers
+        assert answers and all(used == expected for used, expected in answers), answers
     with pytest.MonkeyPatch.context() as mp:
         _without_block_copies(mp)
         gathered = ck.paged_prefill(*p.args, **p.options)
@@ -69,7 +75,7 @@ def test_decode_with_block_copies(p):
         fast = ck.paged_decode(*p.decode_args, **p.options)
     check_outputs(*fast, reference.paged_decode(*p.decode_args, **p.options), p.q, msg=repr(p))
     if p.kv.indices.numel():
-        assert all(answers) == _has_tma() and answers, answers
+        assert answers and all(used == expected for used, expected in answers), answers
     with pytest.MonkeyPatch.context() as mp:
         _without_block_copies(mp)
         gathered = ck.paged_decode(*p.decode_args, **p.options)

@@ -109,7 +109,7 @@ def test_written_file_loads_back_with_meta_apart(tmp_path):
     assert set(doc) == {"meta", "configs", "timings"}
     assert set(doc["meta"]) == {"family", "gpu", "triton", "torch", "date", "commit"}
     assert doc["configs"]["d64_g8_p1_fp16_q1_kv64k"] == {"block_m": 16, "block_n": 16, "num_warps": 2,
-                                                         "num_stages": 2, "prefetch": True, "waves": 2}
+                                                         "num_stages": 2, "prefetch": True, "waves": 2, "tma": True}
     loaded = configs.load_configs(path)
     assert loaded.family == "decode" and loaded.meta["gpu"] == FAKE_GPU
     assert loaded.configs == {configs.parse_bucket("d128_g4_p16_bf16_q1_kv1k"): A,
@@ -157,6 +157,7 @@ CORRUPT = {
     "num_warps 3": (_set((*BUCKET, "num_warps"), 3), "num_warps must be a power of two"),
     "waves 0": (_set((*BUCKET, "waves"), 0), "waves must be an int in [1, 16]"),
     "waves a float": (_set((*BUCKET, "waves"), 2.0), "waves must be an int in [1, 16]"),
+    "tma not a bool": (_set((*BUCKET, "tma"), 1), "tma must be a bool"),
 }
 
 
@@ -380,13 +381,13 @@ def test_search_tries_the_split_policy_of_the_fastest(tmp_path):
 
     from tuning import space
 
-    assert space.refinements(None, B) == [replace(B, waves=1), replace(B, waves=4)]
-    times = {A: 1.0, B: 0.9, replace(B, waves=4): 0.7}  # waves=1 cannot run
+    assert space.refinements(None, B) == [replace(B, waves=w) for w in (1, 4, 8)]
+    times = {A: 1.0, B: 0.9, replace(B, waves=4): 0.7}  # waves=1 and 8 cannot run
     _fake_search(tmp_path, _tasks()[:1], times, bad=set(), clock=FakeClock(), refine=space.refinements)
     loaded = configs.load_configs(configs.config_path("decode", FAKE_GPU, tmp_path))
     assert set(loaded.configs.values()) == {replace(B, waves=4)}
-    assert loaded.timings["d128_g4_p16_bf16_q1_kv1k"] == {"ms": 0.7, "heuristic_ms": 1.0, "candidates": 6,
-                                                          "failed": 3}
+    assert loaded.timings["d128_g4_p16_bf16_q1_kv1k"] == {"ms": 0.7, "heuristic_ms": 1.0, "candidates": 7,
+                                                          "failed": 4}
 
 
 def test_search_stops_on_its_budget_and_resumes(tmp_path):

@@ -69,6 +69,8 @@ def keep(task: Task, c: TileConfig) -> bool:
     e = _elem(task.dtype)
     if c.num_stages in (3, 4):
         return False  # page ids load inside the KV loop: below 5 stages nothing pipelines, as with 2
+    if c.num_stages > 6 and task.family == "decode" and c.block_n > 16:
+        return False  # eight stages only for one-page tiles (small buffers, many programs per SM)
     if c.num_stages > 5 and task.family == "prefill":
         return False  # compute-bound: a sixth stage only takes shared memory from the tiles
     if c.prefetch and (task.family != "decode" or c.num_stages > 2 or c.block_n > 64):
@@ -78,8 +80,9 @@ def keep(task: Task, c: TileConfig) -> bool:
     if smem > SMEM_LIMIT or regs > REGISTER_LIMIT:
         return False
     if task.family == "decode":
-        # one token's GQA group fills the M tile; more warps only pay off on wide KV tiles
-        return c.block_m == min(64, padded(task.group)) and c.num_warps <= max(4, c.block_n // 16)
+        # one token's GQA group fills the M tile; more warps only pay off on wide KV tiles, and a 16-key
+        # tile (one page: a block copy) wants many small programs per SM
+        return c.block_m == min(64, padded(task.group)) and c.num_warps <= max(2, c.block_n // 16)
     # compute-bound prefill: wide KV tiles (narrow only where the head dim leaves no room), 8 warps only
     # for 128 query rows
     return (c.block_n >= 64 or d > 128) and (c.num_warps == 4 or c.block_m == 128)
@@ -89,7 +92,7 @@ def candidates(task: Task) -> list[TileConfig]:
     """The heuristic's config first (the baseline every gain is measured against), then the space."""
     if task.family == "decode":
         space = [TileConfig(min(64, padded(task.group)), bn, w, s, pf)
-                 for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 5, 6) for pf in (False, True)]
+                 for bn in (16, 32, 64, 128) for w in (1, 2, 4) for s in (2, 5, 6, 8) for pf in (False, True)]
     else:
         space = [TileConfig(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
                  for s in (2, 3, 5, 6)]
@@ -97,7 +100,7 @@ def candidates(task: Task) -> list[TileConfig]:
     return [base] + [c for c in space if c != base and keep(task, c)]
 
 
-WAVES = (1, 2, 4)  # programs per SM the automatic KV split count aims for (2: the heuristic's)
+WAVES = (1, 2, 4, 8)  # programs per SM the automatic KV split count aims for (2: the heuristic's)
 
 
 def refinements(task: Task, best: TileConfig) -> list[TileConfig]:

@@ -449,7 +449,7 @@ def config_for(family: str, device: str, *, head_dim: int, group: int, page_size
                         _log2_round(q_len), _log2_round(kv_len))
         if found is not None:
             return found
-    return _attention.heuristic_config(family, head_dim, group, dtype)
+    return _attention.heuristic_config(family, head_dim, group, dtype, page_size)
 
 
 def select_config(family: str, *, head_dim: int, group: int, page_size: int, dtype: torch.dtype, q_len: float,

@@ -239,17 +239,17 @@ def test_nearest_bucket(table, query, expected):
 def test_no_bucket_for_head_dim_or_dtype_warns_once_and_uses_the_heuristic(table, query):
     args = dict(dict(head_dim=128, group=4, dtype=BF16), **query)
     with pytest.warns(UserWarning, match="has no decode config"):
-        assert lookup(**query) == heuristic_config("decode", args["head_dim"], args["group"], args["dtype"])
+        assert lookup(**query) == heuristic_config("decode", args["head_dim"], args["group"], args["dtype"], 16)
     no_warnings(lambda: lookup(**query))
 
 
 def test_missing_file_warns_once_and_uses_the_heuristic(tmp_path, monkeypatch):
     monkeypatch.setenv(configs.ENV_VAR, str(tmp_path))
     with pytest.warns(UserWarning, match=r"no tuned prefill configs for 'NVIDIA Fake GPU 80GB' .*python -m tuning"):
-        assert lookup("prefill", q_len=512) == heuristic_config("prefill", 128, 4, BF16)
-    assert no_warnings(lambda: lookup("prefill", q_len=7, group=8)) == heuristic_config("prefill", 128, 8, BF16)
+        assert lookup("prefill", q_len=512) == heuristic_config("prefill", 128, 4, BF16, 16)
+    assert no_warnings(lambda: lookup("prefill", q_len=7, group=8)) == heuristic_config("prefill", 128, 8, BF16, 16)
     # on the CPU (the interpreter) the heuristic is the expected choice: no warning
-    assert no_warnings(lambda: lookup("decode", device="cpu")) == heuristic_config("decode", 128, 4, BF16)
+    assert no_warnings(lambda: lookup("decode", device="cpu")) == heuristic_config("decode", 128, 4, BF16, 16)
 
 
 def test_bad_file_on_the_serving_path_warns_once_and_uses_the_heuristic(tmp_path, monkeypatch):
@@ -257,13 +257,13 @@ def test_bad_file_on_the_serving_path_warns_once_and_uses_the_heuristic(tmp_path
     path = configs.config_path("decode", FAKE_GPU, tmp_path)
     path.write_text("{not json")
     with pytest.warns(UserWarning, match=re.escape(f"ignoring a bad config file: {path}: not valid JSON")):
-        assert lookup() == heuristic_config("decode", 128, 4, BF16)
-    assert no_warnings(lambda: lookup(kv_len=99)) == heuristic_config("decode", 128, 4, BF16)
+        assert lookup() == heuristic_config("decode", 128, 4, BF16, 16)
+    assert no_warnings(lambda: lookup(kv_len=99)) == heuristic_config("decode", 128, 4, BF16, 16)
 
 
 def test_switch_and_pin(table):
     assert ck.use_tuned_configs is configs.use_tuned_configs and ck.tuned_configs_enabled()
-    heuristic = heuristic_config("decode", 128, 4, BF16)
+    heuristic = heuristic_config("decode", 128, 4, BF16, 16)
     with ck.use_tuned_configs(False):
         assert not ck.tuned_configs_enabled() and lookup() == heuristic
         with ck.use_tuned_configs(True):
@@ -277,7 +277,7 @@ def test_switch_and_pin(table):
     with configs.pinned_config("decode", E):
         assert lookup() == E
         with pytest.warns(UserWarning, match="no tuned prefill configs"):  # pinned for decode only
-            assert lookup("prefill", q_len=64) == heuristic_config("prefill", 128, 4, BF16)
+            assert lookup("prefill", q_len=64) == heuristic_config("prefill", 128, 4, BF16, 16)
     assert lookup() == A
 
 
@@ -320,7 +320,7 @@ def test_kernels_use_the_tuned_file_from_the_env_folder(tmp_path, monkeypatch):
     assert_close(o, expected[0], BF16, "o")
     with ck.use_tuned_configs(False):
         ck.paged_decode(d.q, d.q_pos, d.k_cache, d.v_cache, d.kv)
-    assert launched.pop() == heuristic_config("decode", 32, 2, BF16)
+    assert launched.pop() == heuristic_config("decode", 32, 2, BF16, 5)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class Task:
         return (self.family, self.head_dim, self.group, self.page_size, self.dtype)
 
     def heuristic(self) -> TileConfig:
-        return heuristic_config(self.family, self.head_dim, self.group, self.torch_dtype)
+        return heuristic_config(self.family, self.head_dim, self.group, self.torch_dtype, self.page_size)
 
 
 def _elem(dtype: str) -> int:
@@ -109,13 +109,14 @@ def refinements(task: Task, best: TileConfig) -> list[TileConfig]:
     argument."""
     return [replace(best, waves=w) for w in WAVES if w != best.waves]
 
-# Timed batches per family: (q_len, kv_len, batch). Decode: short, long and very long contexts. Prefill:
-# a cascade's shared level (a batch of decode tokens over a long shared prefix), chunked prefill, and a
-# fresh prompt. Batches are never 1 nor a multiple of 16 (Triton compiles a kernel per such integer
-# specialisation), and the decode batches leave the H200's 132 SMs room for 2, 3 and 11 KV splits, so the
-# three decode timings of a candidate share one compiled kernel.
+# Timed batches per family: (q_len, kv_len, batch). Decode: serving batches at short, long and very long
+# contexts (a bucket has no batch dimension, so its config must suit the batches it will see: a config
+# timed on a batch of 12 picked 8 stages that ran 0.79 of the read ceiling at batch 128, where 6 stages
+# ran 0.93). Prefill: a cascade's shared level (a batch of decode tokens over a long shared prefix),
+# chunked prefill, and a fresh prompt. Batches are never 1 nor a multiple of 16 (Triton specializes such
+# integers), and the long-context decode batch leaves room for KV splits.
 LENGTHS = {
-    "decode": [(1, 1024, 24), (1, 8192, 12), (1, 65536, 3)],
+    "decode": [(1, 1024, 151), (1, 8192, 61), (1, 65536, 9)],
     "prefill": [(64, 8192, 3), (512, 4096, 6), (4096, 4096, 2)],
 }
 

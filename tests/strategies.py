@@ -415,7 +415,7 @@ def cascade_problem(
     max_q = (24 if LARGE else 6) if max_q is None else max_q
     max_kv = MAX_KV if max_kv is None else max_kv
     dtype = draw(st.sampled_from(dtypes))
-    page_size = draw(st.sampled_from(page_size_choices) if page_size_choices else page_sizes())
+    page_size = draw(page_sizes())
     head_dim = draw(st.sampled_from(head_dims or HEAD_DIMS))
     num_q_heads, num_kv_heads = draw(head_counts())
     layout = draw(st.sampled_from(layouts))
@@ -551,7 +551,7 @@ def partition_problem(
     max_q = MAX_Q if max_q is None else max_q
     max_kv = MAX_KV if max_kv is None else max_kv
     dtype = draw(st.sampled_from(dtypes))
-    page_size = draw(st.sampled_from(page_size_choices) if page_size_choices else page_sizes())
+    page_size = draw(page_sizes())
     head_dim = draw(st.sampled_from(head_dims or HEAD_DIMS))
     num_q_heads, num_kv_heads = draw(head_counts())
     layout = draw(st.sampled_from(layouts))

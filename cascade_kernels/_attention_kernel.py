@@ -158,8 +158,9 @@ def _attend_range(
         if PREFETCH:
             k = k_next
             v = v_next
-            k_next, v_next = _load_tile(k_ptr, v_ptr, page_table_ptr, start + BLOCK_N, kv_len, hi, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
-                                        offs_d, mask_d, True, EVEN_D, BLOCK_N, PAGE_ALIGNED, False)
+            k_next, v_next = _load_tile(k_ptr, v_ptr, page_table_ptr, start + BLOCK_N, kv_len, hi, page_size,
+                                        s_kp, s_ks, s_kd, s_vp, s_vs, s_vd, offs_d, mask_d,
+                                        True, EVEN_D, BLOCK_N, PAGE_ALIGNED, False)
         else:
             k, v = _load_tile(k_ptr, v_ptr, page_table_ptr, start, kv_len, hi, page_size,
                               s_kp, s_ks, s_kd, s_vp, s_vs, s_vd, offs_d, mask_d,
@@ -287,15 +288,18 @@ def _paged_attention_kernel(
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
         offs_d, kv_start, kv_len, qk_scale, softcap, window_left, a, mid_lo,
-        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, TMA, INTERPRET)
+        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, TMA,
+        INTERPRET)
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
         offs_d, kv_start, kv_len, qk_scale, softcap, window_left, mid_lo, mid_hi,
-        False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, TMA, INTERPRET)
+        False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, TMA,
+        INTERPRET)
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
         offs_d, kv_start, kv_len, qk_scale, softcap, window_left, mid_hi, b,
-        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, TMA, INTERPRET)
+        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, TMA,
+        INTERPRET)
 
     if HAS_SINKS:
         # One more logit per head, value vector zero: it only grows the denominator. Applied only

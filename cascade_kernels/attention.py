@@ -78,7 +78,8 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
-def heuristic_config(kind: str, head_dim: int, group: int, dtype: torch.dtype, page_size: int | None = None) -> TileConfig:
+def heuristic_config(kind: str, head_dim: int, group: int, dtype: torch.dtype,
+                     page_size: int | None = None) -> TileConfig:
     """Tile sizes used when no tuned config matches.
 
     prefill: 128 query rows (tokens x GQA group) against 128 keys in 8 warps (best of the configs swept

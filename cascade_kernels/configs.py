@@ -10,8 +10,9 @@ or in the folder named by the environment variable ``CASCADE_KERNELS_CONFIG_DIR`
      "timings": {"d128_g4_p16_bf16_q512_kv4k": {"ms": 0.41, "heuristic_ms": 0.47}, ...}}
 
 ``prefetch`` (default false), ``waves`` (programs per SM the KV split count aims for, default 2) and
-``tma`` (block copies of page-aligned KV tiles allowed, default true) may be left out. ``meta`` describes the file and is kept apart from the buckets; ``timings`` (optional) records what the
-tuning measured. Files are written by ``python -m tuning`` (see ``tuning/README.md``), never by hand.
+``tma`` (block copies of page-aligned KV tiles allowed, default true) may be left out. ``meta``
+describes the file and is kept apart from the buckets; ``timings`` (optional) records what the tuning
+measured. Files are written by ``python -m tuning`` (see ``tuning/README.md``), never by hand.
 
 A bucket key names ``d``: the head-dim class (the power of two the kernel pads the head dim to),
 ``g``: the GQA group (query heads per KV head), ``p``: the page size, the dtype, ``q``: query tokens per

@@ -295,7 +295,8 @@ def paged_problem(
     ``[0, max_q]`` (exactly 1 with ``one_query_per_segment``), a start position anywhere in int32
     (so positions have gaps between segments), and query positions at the tail of the keys, after
     them, inside them, before them, or scattered (see ``QUERY_MODES``). ``causal`` fixes that option when
-    given; ``page_size_choices`` replaces the page-size strategy. Returns a :class:`PagedProblem`: ``q, q_pos, qo_indptr, k_cache, v_cache, kv, options``,
+    given; ``page_size_choices`` replaces the page-size strategy. Returns a :class:`PagedProblem`:
+    ``q, q_pos, qo_indptr, k_cache, v_cache, kv, options``,
     plus ``args`` / ``decode_args`` for the kernel calls, ``segment_kv`` (the dense keys, values and
     positions written into each segment) and the sizes ``dtype, page_size, num_q_heads, num_kv_heads,
     head_dim, layout``.

@@ -33,53 +33,41 @@ def _has_tma() -> bool:
     return interpreting() or (DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9)
 
 
-def _spy_on_block_copies(mp) -> list:
-    """Record, for every launch, whether it used block copies and whether it should have: always on a
-    GPU with a TMA (and under the interpreter) for these caches, unless the config prefetches."""
+def _check_both_paths(p, kernel, ref, args, launches_expected: bool):
+    """``kernel(*args)`` equals ``ref(*args)`` with block copies (each launch taking them exactly where
+    it should: on a GPU with a TMA and under the interpreter, unless the config prefetches) and
+    agrees within rounding with the row-gather path."""
     answers, real = [], attention.tma_usable
 
     def spy(k_cache, v_cache, block_n, block_d, prefetch):
         answers.append((real(k_cache, v_cache, block_n, block_d, prefetch), _has_tma() and not prefetch))
         return answers[-1][0]
 
-    mp.setattr(attention, "tma_usable", spy)
-    return answers
-
-
-def _without_block_copies(mp):
-    mp.setattr(attention, "tma_usable", lambda *a, **k: False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "tma_usable", spy)
+        dirty_device_memory()
+        fast = kernel(*args, **p.options)
+    check_outputs(*fast, ref(*args, **p.options), p.q, msg=repr(p))
+    if launches_expected:
+        assert answers and all(used == expected for used, expected in answers), answers
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "tma_usable", lambda *a, **k: False)
+        gathered = kernel(*args, **p.options)
+    check_same(fast, gathered, p.dtype, msg=repr(p))
 
 
 @fewer(2)
 @given(paged_problem(page_size_choices=PAGES, layouts=("nhd",), max_kv=300))
 def test_prefill_with_block_copies(p):
-    with pytest.MonkeyPatch.context() as mp:
-        answers = _spy_on_block_copies(mp)
-        dirty_device_memory()
-        fast = ck.paged_prefill(*p.args, **p.options)
-    check_outputs(*fast, reference.paged_prefill(*p.args, **p.options), p.q, msg=repr(p))
-    if p.q.shape[0] and p.kv.indices.numel():
-        assert answers and all(used == expected for used, expected in answers), answers
-    with pytest.MonkeyPatch.context() as mp:
-        _without_block_copies(mp)
-        gathered = ck.paged_prefill(*p.args, **p.options)
-    check_same(fast, gathered, p.dtype, msg=repr(p))
+    _check_both_paths(p, ck.paged_prefill, reference.paged_prefill, p.args,
+                      launches_expected=bool(p.q.shape[0] and p.kv.indices.numel()))
 
 
 @fewer(2)
 @given(decode_problem(page_size_choices=PAGES, layouts=("nhd",), max_kv=600))
 def test_decode_with_block_copies(p):
-    with pytest.MonkeyPatch.context() as mp:
-        answers = _spy_on_block_copies(mp)
-        dirty_device_memory()
-        fast = ck.paged_decode(*p.decode_args, **p.options)
-    check_outputs(*fast, reference.paged_decode(*p.decode_args, **p.options), p.q, msg=repr(p))
-    if p.kv.indices.numel():
-        assert answers and all(used == expected for used, expected in answers), answers
-    with pytest.MonkeyPatch.context() as mp:
-        _without_block_copies(mp)
-        gathered = ck.paged_decode(*p.decode_args, **p.options)
-    check_same(fast, gathered, p.dtype, msg=repr(p))
+    _check_both_paths(p, ck.paged_decode, reference.paged_decode, p.decode_args,
+                      launches_expected=bool(p.kv.indices.numel()))
 
 
 def _cache(num_pages=4, page_size=128, heads=2, head_dim=64, dtype=torch.float16):

@@ -243,6 +243,19 @@ def test_no_bucket_for_head_dim_or_dtype_warns_once_and_uses_the_heuristic(table
     no_warnings(lambda: lookup(**query))
 
 
+@pytest.mark.parametrize("head_dim, group, dtype, page_size, expected", [
+    (128, 4, BF16, 16, TileConfig(16, 16, 1, 6, waves=4)),          # one page per tile, one warp
+    (64, 8, torch.float16, 256, TileConfig(16, 16, 1, 6, waves=4)),
+    (128, 32, BF16, 32, TileConfig(32, 16, 2, 6, waves=4)),         # one warp per 16 query rows
+    (128, 4, BF16, 7, TileConfig(16, 64, 4, 5)),                    # tiles would cross pages
+    (128, 4, BF16, None, TileConfig(16, 64, 4, 5)),
+    (256, 4, BF16, 16, TileConfig(16, 32, 4, 2)),                   # wide rows: the small-tile config
+    (128, 4, torch.float32, 16, TileConfig(16, 32, 4, 2)),
+])
+def test_decode_heuristic(head_dim, group, dtype, page_size, expected):
+    assert heuristic_config("decode", head_dim, group, dtype, page_size) == expected
+
+
 def test_missing_file_warns_once_and_uses_the_heuristic(tmp_path, monkeypatch):
     monkeypatch.setenv(configs.ENV_VAR, str(tmp_path))
     with pytest.warns(UserWarning, match=r"no tuned prefill configs for 'NVIDIA Fake GPU 80GB' .*python -m tuning"):

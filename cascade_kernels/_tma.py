@@ -17,6 +17,14 @@ import triton.language as tl
 
 from ._triton import interpreting
 
+try:  # where Triton keeps its scratch allocator (triton >= 3.3, with on-device descriptors)
+    from triton.runtime import _allocation
+except ImportError:
+    _allocation = None
+# Block copies need on-device descriptors and an allocator API this module knows (checked: triton 3.6, 3.9).
+_SUPPORTED = (hasattr(tl, "make_tensor_descriptor") and hasattr(_allocation, "_allocator")
+              and hasattr(_allocation, "NullAllocator"))
+
 _TMA_ALIGN = 16  # bytes: base address and every stride but the last
 _MAX_BOX = 256  # elements per dimension of one block copy
 
@@ -46,7 +54,7 @@ def tma_usable(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int, block
     num_pages, page_size = k_cache.shape[:2]
     if prefetch or page_size % block_n or block_n > _MAX_BOX or block_d > _MAX_BOX:
         return False
-    if num_pages * page_size >= 2**31 or not hasattr(tl, "make_tensor_descriptor"):
+    if num_pages * page_size >= 2**31 or not _SUPPORTED:
         return False
     if not (interpreting() or _device_has_tma(k_cache.device)):
         return False
@@ -62,7 +70,5 @@ def ensure_allocator() -> None:
     """Give Triton an allocator for kernel scratch where none is set (in this thread's context)."""
     if interpreting():
         return
-    from triton.runtime import _allocation
-
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)

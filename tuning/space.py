@@ -100,7 +100,7 @@ def candidates(task: Task) -> list[TileConfig]:
     return [base] + [c for c in space if c != base and keep(task, c)]
 
 
-WAVES = (1, 2, 4, 8)  # programs per SM the automatic KV split count aims for (2: the heuristic's)
+WAVES = (1, 2, 4, 8)  # programs per SM the automatic KV split count aims for (heuristic: 2; one-page decode: 4)
 
 
 def refinements(task: Task, best: TileConfig) -> list[TileConfig]:

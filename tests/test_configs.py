@@ -484,7 +484,7 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch):
     """The whole script on the tiny space under the interpreter; the files it writes drive the kernels."""
     if interpreter_problem():
         pytest.skip(interpreter_problem())
-    args = ["--dry-run", "--out", str(tmp_path), "--no-bar"]
+    args = ["--dry-run", "--out", str(tmp_path), "--no-bar", "--jobs", "2"]  # compiled ahead by two workers
     if DEVICE == "cpu":
         from tuning.__main__ import main
 
@@ -501,7 +501,7 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch):
     assert prefill.meta["gpu"] == "cpu" and prefill.meta["commit"]
     assert all(t["ms"] > 0 for t in prefill.timings.values())
     log = (tmp_path / "tuning_state" / "log__cpu.txt").read_text()
-    assert "3 buckets" in log
+    assert "3 buckets" in log and "precompiled 9 (bucket, candidate) pairs" in log
     # resuming a finished run times nothing and keeps the files
     if DEVICE == "cpu":
         assert main(args + ["--resume"]) == 0
@@ -509,6 +509,30 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv(configs.ENV_VAR, str(tmp_path))
     chosen = configs.config_for("prefill", "cpu", head_dim=32, group=2, page_size=5, dtype=BF16, q_len=9, kv_len=20)
     assert chosen == prefill.configs[configs.parse_bucket("d32_g2_p5_bf16_q9_kv20")]
+
+
+def test_precompile_phases_put_each_shape_class_first_task_first():
+    from tuning import precompile, space
+
+    t = [space.Task("decode", 128, 4, 16, "bf16", 1, kv, 9) for kv in (1024, 8192)]
+    u = space.Task("prefill", 128, 4, 16, "bf16", 64, 8192, 3)
+    assert precompile.phases([(t[0], [A, B]), (u, [C]), (t[1], [A, B])]) == [
+        [(t[0], A), (t[0], B), (u, C)], [(t[1], A), (t[1], B)]]
+
+
+def test_precompile_workers_run_every_pair_and_report_errors(tmp_path):
+    """Two spawned workers run the tiny tasks' candidates (compiling them on a GPU); a config the kernel
+    rejects comes back as an error of its pair, the others run."""
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
+    from tuning import precompile, space
+
+    tasks = space.tasks("tiny", ("prefill", "decode"))
+    bad = TileConfig(16, 8, 4, 2)  # BLOCK_N under 16: a static assertion of the kernel
+    work = [(t, space.tiny_candidates(t)[:2] + [bad]) for t in tasks]
+    seconds, errors = precompile.Precompiler(2, DEVICE)(work, deadline=float("inf"))
+    assert seconds > 0 and set(errors) == {(t, bad) for t in tasks}, errors
+    assert all("16" in text for text in errors.values())
 
 
 # ------------------------------------------------------------------------------------------------------------

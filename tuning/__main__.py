@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the repository commit to record in the files' meta (default: git rev-parse HEAD, "
                         "with +dirty for local changes; 'unknown' outside a git checkout)")
     p.add_argument("--list", action="store_true", help="print the buckets and candidate counts, then exit")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="processes that compile the candidates in parallel before the timing starts (default: "
+                        "the CPU cores but two, at most 14; 1: compile each candidate when it is first timed)")
     p.add_argument("--no-bar", action="store_true", help="a printed counter instead of the tqdm progress bar")
     args = p.parse_args(argv)
     families = tuple(f.strip() for f in args.families.split(",") if f.strip())
@@ -48,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.families = families
     if args.time_budget <= 0:
         p.error("--time-budget must be positive")
+    if args.jobs is not None and args.jobs < 1:
+        p.error("--jobs must be at least 1")
     return args
 
 
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
 
     from cascade_kernels import configs
 
-    from . import measure, search, space
+    from . import measure, precompile, search, space
 
     space_name = "tiny" if args.dry_run else args.space
     tasks = space.tasks(space_name, args.families)
@@ -98,6 +103,10 @@ def main(argv=None) -> int:
         def cleanup() -> None:
             torch.cuda.empty_cache()
 
+    jobs = args.jobs or precompile.default_jobs()
+    # the interpreter compiles nothing: a dry run precompiles only when asked (it tests the workers)
+    compile_ahead = jobs > 1 and (not args.dry_run or args.jobs is not None)
+
     out = args.out or (tempfile.mkdtemp(prefix="ck_tuning_dry_") if args.dry_run else str(configs.PACKAGE_DIR))
     gpu = configs.device_name(device)
     meta = search.environment(gpu)
@@ -107,7 +116,8 @@ def main(argv=None) -> int:
         summary = search.run(
             tasks, out=out, device=device, candidates=cands, make_problem=measure.timed_problem, timer=timer,
             check=measure.check_config, deadline=start + args.time_budget, resume=args.resume, meta=meta,
-            healthy=healthy, cleanup=cleanup, bar=not args.no_bar, refine=space.refinements)
+            healthy=healthy, cleanup=cleanup, bar=not args.no_bar, refine=space.refinements,
+            precompile=precompile.Precompiler(jobs, device.type) if compile_ahead else None)
     except ValueError as e:  # a progress file that cannot be resumed
         print(f"python -m tuning: {e}", file=sys.stderr)
         return 2

@@ -162,13 +162,15 @@ class Summary:
 
 def run(tasks: list[Task], *, out: Path, device, candidates, make_problem, timer, check, deadline: float,
         resume: bool = False, meta: dict, healthy=lambda: True, clock=time.monotonic, bar: bool = True,
-        cleanup=lambda: None, refine=lambda task, best: []) -> Summary:
+        cleanup=lambda: None, refine=lambda task, best: [], precompile=None) -> Summary:
     """Tune ``tasks`` in order until done or ``clock() >= deadline``; write files after every task.
 
     ``candidates(task)`` lists configs (the heuristic first), ``refine(task, best)`` a second stage of
     variants of the first stage's fastest config, ``make_problem(task, device)`` the timed input,
     ``timer(problem, config)`` milliseconds (raises if the config cannot run), ``check(task, config,
-    device)`` ``None`` or what is wrong, ``healthy()`` whether the device survived an error.
+    device)`` ``None`` or what is wrong, ``healthy()`` whether the device survived an error, and
+    ``precompile(work, deadline)`` (optional) compiles every ``(task, candidates)`` pair of ``work``
+    before the timing starts, returning ``(seconds, errors)``.
     """
     out = Path(out)
     slug = configs.device_slug(meta["gpu"])
@@ -182,6 +184,12 @@ def run(tasks: list[Task], *, out: Path, device, candidates, make_problem, timer
         f"{summary.skipped} already done; out {out}")
     checked: dict = {}  # (shape class, config) -> None or the check's complaint
     try:
+        if precompile is not None and todo:
+            work = [(t, candidates(t)) for t in todo]
+            seconds, errors = precompile(work, deadline)
+            stopped = errors.pop(None, None)
+            log(f"precompiled {sum(len(c) for _, c in work)} (bucket, candidate) pairs in {seconds:.1f} s; "
+                f"{len(errors)} failed there (run again when timed)" + (f"; {stopped}" if stopped else ""))
         for task in todo:
             if clock() >= deadline:
                 summary.stopped_by_budget = True

@@ -112,12 +112,13 @@ def refinements(task: Task, best: TileConfig) -> list[TileConfig]:
 # Timed batches per family: (q_len, kv_len, batch). Decode: serving batches at short, long and very long
 # contexts (a bucket has no batch dimension, so its config must suit the batches it will see: a config
 # timed on a batch of 12 picked 8 stages that ran 0.79 of the read ceiling at batch 128, where 6 stages
-# ran 0.93). Prefill: a cascade's shared level (a batch of decode tokens over a long shared prefix),
-# chunked prefill, and a fresh prompt. Batches are never 1 nor a multiple of 16 (Triton specializes such
-# integers), and the long-context decode batch leaves room for KV splits.
+# ran 0.93). Prefill: a cascade's shared level, which is one segment (the decode tokens of 64 or 256
+# requests over one long shared prefix: a config timed on 3 segments over 8k keys ran that level 7%
+# slower than the heuristic), chunked prefill, and a fresh prompt. The long-context decode batch leaves
+# room for KV splits.
 LENGTHS = {
     "decode": [(1, 1024, 151), (1, 8192, 61), (1, 65536, 9)],
-    "prefill": [(64, 8192, 3), (512, 4096, 6), (4096, 4096, 2)],
+    "prefill": [(64, 8192, 3), (64, 32768, 1), (256, 32768, 1), (512, 4096, 6), (4096, 4096, 2)],
 }
 
 # (family, head_dim, group, page_size, dtype) in priority order.

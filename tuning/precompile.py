@@ -21,6 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from cascade_kernels.attention import TileConfig
 
+from .search import describe_error
 from .space import Task
 
 
@@ -50,8 +51,7 @@ def _compile(pairs: list[tuple[Task, TileConfig]], device: str) -> dict[tuple[Ta
             if device == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:
-            text = str(e).strip()
-            errors[(task, config)] = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+            errors[(task, config)] = describe_error(e)
     return errors
 
 

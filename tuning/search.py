@@ -147,6 +147,12 @@ def _name(c: TileConfig) -> str:
             + (f"_x{c.waves}" if c.waves != 2 else ""))
 
 
+def describe_error(e: Exception) -> str:
+    """An error's class and the first line of its message (200 characters at most)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 class DeviceLost(RuntimeError):
     """The device is unusable after an error (e.g. an illegal address): no later timing can be trusted."""
 
@@ -243,8 +249,7 @@ def _tune(task, device, candidates, refine, make_problem, timer, check, deadline
             try:
                 times[c] = timer(problem, c)
             except Exception as e:
-                text = str(e).strip()
-                errors[c] = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+                errors[c] = describe_error(e)
                 if c == cands[0]:  # the heuristic should always run: worth the whole traceback
                     log("".join(traceback.format_exception(type(e), e, e.__traceback__))[-2000:])
                 if not healthy():

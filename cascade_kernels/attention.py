@@ -139,22 +139,26 @@ def _check_num_splits(num_splits):
         raise ValueError(f"num_splits must be None or an int >= 1, got {num_splits!r}")
 
 
-def choose_splits(num_programs: int, max_kv_len: int, block_n: int, device: torch.device, waves: int = 2) -> int:
+def choose_splits(num_programs: int, max_kv_len: int, block_n: int, device: torch.device, waves: int = 2,
+                  whole_rounds: bool = False) -> int:
     """Splits per segment so that about ``waves`` programs per SM fill the GPU, each split >= 4 KV tiles.
 
-    Programs run in rounds of ``waves x SMs``. The count that reaches the target may spill a few
-    programs into a second round, which then costs a whole round for a sliver of work: the most splits
-    that fit in one round are taken instead whenever they are at least as fast, counting time as rounds
-    times the work of one split (``rounds / splits``). On an H200 this took a cascade's shared level at
-    batch 256 from 9 splits (5 rounds of one program per SM) to 8 (4 rounds), 7-12% faster, and decode
-    at (32, 4096) from 3 splits to 2, 1.5% faster; fewer splits also leave less for the merge.
+    ``whole_rounds`` (compute-bound prefill tiles, one program per SM at a time): programs then run in
+    rounds of ``waves x SMs``, and a count that reaches the target may spill a few programs into one
+    more round, a whole round's time for a sliver of work. The most splits that fit in one round are
+    taken instead whenever they are at least as fast, counting time as rounds times the work of one
+    split (``rounds / splits``). On an H200 this took a cascade's shared level at batch 256 from 9 splits
+    (5 rounds) to 8 (4 rounds): 6-8% faster. Not for decode: its small memory-bound programs share an
+    SM several at a time, as many as their shared memory allows, so rounds are not known here, and
+    fewer splits there measured up to 1.6x slower (one split for 64 requests of 33k tokens).
     """
     if num_programs <= 0 or max_kv_len <= 0:
         return 1
     slots = waves * num_sms(device)
     splits = max(1, min(math.ceil(slots / num_programs), math.ceil(max_kv_len / (4 * block_n)), 256))
     one_round = slots // num_programs
-    if 1 <= one_round < splits and splits <= cdiv(num_programs * splits, slots) * one_round:
+    if (whole_rounds and 1 <= one_round < splits
+            and splits <= cdiv(num_programs * splits, slots) * one_round):
         return one_round
     return splits
 
@@ -273,7 +277,7 @@ def paged_prefill(q, q_pos, qo_indptr, k_cache, v_cache, kv, *, causal=True, sm_
     if num_splits is None:
         max_kv = kv.indices.numel() * geometry.page_size  # an upper bound known without a sync
         num_splits = choose_splits(num_tiles * geometry.num_kv_heads, max_kv, config.block_n, q.device,
-                                   config.waves)
+                                   config.waves, whole_rounds=True)
     return _run(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options, config,
                 num_splits, reverse_tiles=causal)
 

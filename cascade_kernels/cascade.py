@@ -107,7 +107,8 @@ class CascadePlan:
             tile_indptr.append(tile_indptr[-1] + t)
         num_tiles = tile_indptr[-1]
         max_kv = max((n for n, t in zip(kv_lens, tiles) if t), default=0)
-        num_splits = choose_splits(num_tiles * g.num_kv_heads, max_kv, config.block_n, self.device, config.waves)
+        num_splits = choose_splits(num_tiles * g.num_kv_heads, max_kv, config.block_n, self.device, config.waves,
+                                   whole_rounds=kind == "prefill")
         return LevelLaunch(
             qo_indptr=level.qo_indptr,
             tile_indptr=torch.tensor(tile_indptr, dtype=torch.int32, device=self.device),

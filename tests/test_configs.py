@@ -173,10 +173,12 @@ def test_optional_fields_default(tmp_path):
     sms = num_sms(torch.device(DEVICE))
     assert choose_splits(sms, 1 << 20, 64, torch.device(DEVICE), waves=4) == 4
     assert choose_splits(sms, 1 << 20, 64, torch.device(DEVICE)) == 2
-    # a count that would spill into a second round of programs gives way to the most that fit in one
+    # in whole rounds (prefill), a count that would spill into another round of programs gives way to
+    # the most that fit in one; decode keeps the count that reaches the target
     slots = 4 * sms
-    for programs, splits in ((slots // 3 + 1, 2), (slots // 2 + 1, 1), (slots // 4, 4)):
-        assert choose_splits(programs, 1 << 20, 64, torch.device(DEVICE), waves=4) == splits, programs
+    for programs, splits, decode_splits in ((slots // 3 + 1, 2, 3), (slots // 2 + 1, 1, 2), (slots // 4, 4, 4)):
+        assert choose_splits(programs, 1 << 20, 64, torch.device(DEVICE), 4, whole_rounds=True) == splits, programs
+        assert choose_splits(programs, 1 << 20, 64, torch.device(DEVICE), 4) == decode_splits, programs
 
 
 @pytest.mark.parametrize("case", list(CORRUPT))

@@ -79,8 +79,8 @@ def _tile_rows(page_table_ptr, start, kv_len, limit, page_size, s_p, s_s,
     offs_n = start + tl.arange(0, BLOCK_N)
     ok = _live_rows(start, kv_len, limit, BLOCK_N)
     if PAGE_ALIGNED:
-        # the whole tile lies in one page: every row reads the same page id (one cache line), and the
-        # slots are contiguous
+        # the whole tile lies in one page, or in consecutive pages of a row-contiguous cache (a page run,
+        # checked by the plan): every row reads the tile's first page id, and the rows are contiguous
         page_entry = start // page_size + tl.zeros([BLOCK_N], tl.int32)
         slot = (start % page_size + tl.arange(0, BLOCK_N)).to(tl.int64)
     else:
@@ -108,8 +108,9 @@ def _load_tile(k_src, v_src, page_table_ptr, start, kv_len, limit, page_size, s_
     """Key and value tiles ``[BLOCK_N, BLOCK_D]`` of KV tokens from ``start``; both loads issued together.
 
     ``k_src``/``v_src`` are pointers to this KV head's slice of the caches, or with ``TMA`` tensor
-    descriptors over ``[pages * page_size, head_dim]`` row views of them: the tile lies in one page
-    (``PAGE_ALIGNED``), so it is one block copy from row ``page * page_size + start % page_size``.
+    descriptors over ``[pages * page_size, head_dim]`` row views of them: the tile lies in one page or one
+    run of consecutive pages (``PAGE_ALIGNED``), so it is one block copy from row
+    ``page * page_size + start % page_size``.
     """
     row_ok = _live_rows(start, kv_len, limit, BLOCK_N)
     if TMA:

@@ -16,7 +16,7 @@ import torch
 from . import configs as _configs
 from ._attention_kernel import _paged_attention_kernel
 from ._launch import Launcher
-from ._tma import ensure_allocator, tma_usable
+from ._tma import ensure_allocator, rows_contiguous, tma_usable
 from ._triton import cdiv, interpreting, padded
 from ._validation import FLOAT_DTYPES, check_head_counts, check_indptr, check_options, check_tensor
 from .merge import _launch_merge_states
@@ -165,9 +165,12 @@ def choose_splits(num_programs: int, max_kv_len: int, block_n: int, device: torc
 
 def launch_attention(
     q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options, config,
-    num_splits, o, lse, slot_offset=0, apply_sinks=True, reverse_tiles=False,
+    num_splits, o, lse, slot_offset=0, apply_sinks=True, reverse_tiles=False, page_runs=False,
 ):
     """Launch the kernel once; no checks, no allocation.
+
+    ``page_runs``: the caller found every KV tile in consecutive pages (``cascade.tiles_in_page_runs``);
+    where the caches hold their pages one after another in rows, tiles are then read as contiguous rows.
 
     ``o``/``lse`` are either the final ``[N, Hq, D]``/``[N, Hq]`` outputs (one split) or the fp32
     split scratch ``[N, slots, Hq, D]``/``[N, slots, Hq]``, written at slots ``slot_offset + split``.
@@ -182,7 +185,8 @@ def launch_attention(
         s_lt, s_lslot, s_lh = lse.stride()
     has_sinks = apply_sinks and options.sinks is not None
     block_d = padded(geometry.head_dim)
-    tma = config.tma and tma_usable(k_cache, v_cache, config.block_n, block_d, config.prefetch)
+    page_runs = page_runs and rows_contiguous(k_cache) and rows_contiguous(v_cache)
+    tma = config.tma and tma_usable(k_cache, v_cache, config.block_n, block_d, config.prefetch, page_runs)
     if tma:
         ensure_allocator()
     grid = (num_tiles * geometry.num_kv_heads * num_splits,)
@@ -198,7 +202,7 @@ def launch_attention(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=options.causal, HAS_WINDOW=options.window_left is not None,
         HAS_SOFTCAP=options.softcap is not None, HAS_SINKS=has_sinks,
-        PAGE_ALIGNED=geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles, PREFETCH=config.prefetch,
+        PAGE_ALIGNED=page_runs or geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles, PREFETCH=config.prefetch,
         TMA=tma, INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
     )
 

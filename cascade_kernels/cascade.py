@@ -8,7 +8,8 @@ KV split of a level) writes its partial state ``(o, lse)`` into a slot of one fp
 one merge pass combines the slots, counting attention sinks once.
 
 ``plan_cascade`` does the host-side work once per batch: it validates the levels, reads their sizes,
-picks each level's kernel shape and split count, builds the work lists and allocates the scratch and
+picks each level's kernel shape and split count, finds the levels whose KV tiles lie in consecutive pages
+(loaded as block copies, see ``tiles_in_page_runs``), builds the work lists and allocates the scratch and
 outputs. ``CascadePlan.run`` then only launches kernels: no host-device synchronisation and no
 allocation, so it can be captured in a CUDA graph and replayed with new ``q``, ``q_pos`` and cache
 contents.
@@ -50,6 +51,32 @@ class LevelLaunch:
     num_splits: int
     slot_offset: int
     max_kv_len: int
+    page_runs: bool = False  # every KV tile of every segment lies in consecutive pages
+
+
+def tiles_in_page_runs(kv: PagedKV, page_size: int, block_n: int) -> bool:
+    """Whether every ``block_n``-key tile of every segment of ``kv`` lies in pages with consecutive ids.
+
+    Tiles start at multiples of ``block_n`` from a segment's first key, so tile ``t`` of a segment reads
+    its page-table entries ``t * r ... t * r + r - 1`` (``r = block_n / page_size``); when those ids count
+    up by one, and the cache holds its pages one after another in rows, the tile is ``block_n``
+    contiguous cache rows: one block copy, as a tile inside one large page is. An engine gets this for a
+    chunk it allocates in one piece (a shared system prompt or document prefilled at once). False where a
+    tile spans a single page anyway (``block_n <= page_size``) or ``page_size`` does not divide ``block_n``.
+    """
+    if block_n <= page_size or block_n % page_size:
+        return False
+    r = block_n // page_size
+    indptr = kv.indptr.long()
+    counts = indptr[1:] - indptr[:-1]
+    total = int(indptr[-1].item())
+    if total == 0:
+        return False
+    entry = torch.arange(total, device=kv.device)
+    first = indptr[:-1].repeat_interleave(counts, output_size=total)  # segment's first entry, per entry
+    within = (entry - first) % r  # place of the entry in its tile
+    pages = kv.indices[:total].long()
+    return bool((pages == pages[entry - within] + within).all().item())
 
 
 def _host(t: torch.Tensor) -> list[int]:
@@ -109,11 +136,12 @@ class CascadePlan:
         max_kv = max((n for n, t in zip(kv_lens, tiles) if t), default=0)
         num_splits = choose_splits(num_tiles * g.num_kv_heads, max_kv, config.block_n, self.device, config.waves,
                                    whole_rounds=kind == "prefill")
+        page_runs = num_tiles > 0 and tiles_in_page_runs(level.kv, g.page_size, config.block_n)
         return LevelLaunch(
             qo_indptr=level.qo_indptr,
             tile_indptr=torch.tensor(tile_indptr, dtype=torch.int32, device=self.device),
             num_tiles=num_tiles, kv=level.kv, kind=kind, config=config, num_splits=num_splits,
-            slot_offset=slot_offset, max_kv_len=max_kv,
+            slot_offset=slot_offset, max_kv_len=max_kv, page_runs=page_runs,
         )
 
     def run(self, q, q_pos, k_cache, v_cache, *, out=None):
@@ -155,12 +183,12 @@ class CascadePlan:
             q, q_pos, launch.qo_indptr, launch.tile_indptr, launch.num_tiles, k_cache, v_cache, launch.kv,
             self.geometry, self.options, launch.config, launch.num_splits, o, lse,
             slot_offset=launch.slot_offset, apply_sinks=apply_sinks,
-            reverse_tiles=self.options.causal and launch.kind == "prefill",
+            reverse_tiles=self.options.causal and launch.kind == "prefill", page_runs=launch.page_runs,
         )
 
     def __repr__(self) -> str:
-        levels = ", ".join(f"{l.kind}(tiles={l.num_tiles}, splits={l.num_splits}, max_kv={l.max_kv_len})"
-                           for l in self.launches)
+        levels = ", ".join(f"{l.kind}(tiles={l.num_tiles}, splits={l.num_splits}, max_kv={l.max_kv_len}"
+                           f"{', page runs' if l.page_runs else ''})" for l in self.launches)
         return f"CascadePlan(tokens={self.num_tokens}, slots={self.num_slots}, levels=[{levels}])"
 
 

@@ -167,18 +167,24 @@ class _CacheBuilder:
         self.segments.append((k, v, math.ceil(k.shape[0] / self.page_size) + extra_pages))
         return len(self.segments) - 1
 
-    def build(self, gen: torch.Generator, layout: str, spare_pages: int):
-        """Return ``(k_cache, v_cache, pages)``, ``pages[handle]`` the page ids of each queued segment."""
+    def build(self, gen: torch.Generator, layout: str, spare_pages: int, runs: tuple[int, ...] = ()):
+        """Return ``(k_cache, v_cache, pages)``, ``pages[handle]`` the page ids of each queued segment.
+
+        Segments whose handles are in ``runs`` get consecutive page ids (placed after the spare pages,
+        so a run never starts at page 0); the others pages in a random order."""
         used = sum(n for _, _, n in self.segments)
         num_pages = used + spare_pages
-        perm = torch.randperm(num_pages, generator=gen).tolist()
+        in_runs = sum(self.segments[h][2] for h in runs)
+        run_ids = iter(range(spare_pages, spare_pages + in_runs))
+        rest = [i for i in range(num_pages) if not spare_pages <= i < spare_pages + in_runs]
+        perm = iter([rest[i] for i in torch.randperm(len(rest), generator=gen).tolist()])
         shape = (num_pages, self.page_size, self.num_kv_heads, self.head_dim)
         k_all = torch.full(shape, math.nan, dtype=torch.float32)
         v_all = torch.full(shape, math.nan, dtype=torch.float32)
-        pages, cursor = [], 0
-        for k, v, n in self.segments:
-            ids = perm[cursor : cursor + n]
-            cursor += n
+        pages = []
+        for handle, (k, v, n) in enumerate(self.segments):
+            source = run_ids if handle in runs else perm
+            ids = [next(source) for _ in range(n)]
             pages.append(ids)
             tokens = torch.arange(k.shape[0])
             page_of = torch.tensor(ids, dtype=torch.long)[tokens // self.page_size] if ids else tokens
@@ -472,7 +478,9 @@ def cascade_problem(
         mode = draw(st.sampled_from(("tail", "tail", "after", "inside")))
         q_pos += _query_positions(draw, n_q, first, cursor[r], mode)
         qo_indptr.append(qo_indptr[-1] + n_q)
-    k_cache, v_cache, pages = builder.build(gen, layout, spare_pages=draw(st.integers(0, 3)))
+    # some chunks in consecutive pages, as an engine allocates a chunk it prefills at once (page runs)
+    runs = tuple(h for row in level_chunks for h, _, _ in row if draw(st.booleans()))
+    k_cache, v_cache, pages = builder.build(gen, layout, spare_pages=draw(st.integers(0, 3)), runs=runs)
 
     levels = []
     for level_groups, row in zip(groups, level_chunks):
@@ -571,7 +579,8 @@ def partition_problem(
     handles = [builder.add(k[a:b], v[a:b], extra_pages=int(draw(st.booleans()) and draw(st.booleans())))
                for a, b in chunks]
     whole = builder.add(k, v)
-    k_cache, v_cache, pages = builder.build(gen, layout, spare_pages=draw(st.integers(0, 3)))
+    runs = tuple(h for h in [*handles, whole] if draw(st.booleans()))  # chunks in consecutive pages
+    k_cache, v_cache, pages = builder.build(gen, layout, spare_pages=draw(st.integers(0, 3)), runs=runs)
 
     n_q = draw(st.one_of(st.just(1), st.integers(0, max_q)))
     mode = draw(st.sampled_from(("tail", "after", "inside")))

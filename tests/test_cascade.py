@@ -282,3 +282,66 @@ def test_folding_a_level_into_the_next_changes_nothing(problem, fold):
     o, lse = plan.run(p.q, p.q_pos, p.k_cache, p.v_cache)
     ro, rlse = reference.cascade_attention(p.q, p.q_pos, p.k_cache, p.v_cache, p.levels, **p.options)
     check_outputs(o, lse, (ro, rlse), p.q)
+
+
+def test_tiles_in_page_runs():
+    """Page runs: every ``block_n``-key tile of every segment in consecutive page ids, counted per segment."""
+    from cascade_kernels.cascade import tiles_in_page_runs
+
+    def kv(*segments):
+        return _paged_kv([list(s) for s in segments], [16 * len(s) for s in segments], [0] * len(segments))
+
+    assert tiles_in_page_runs(kv([7, 8, 9, 10], [3, 4, 20]), page_size=16, block_n=32)  # tiles 7-8, 9-10, 3-4, 20
+    assert tiles_in_page_runs(kv([7, 8, 9, 10, 11, 12, 13, 14]), page_size=16, block_n=128)
+    assert not tiles_in_page_runs(kv([7, 8, 9, 11]), page_size=16, block_n=32)  # tile 9-11
+    assert not tiles_in_page_runs(kv([5], [7, 9]), page_size=16, block_n=32)  # tiles are per segment
+    assert tiles_in_page_runs(kv([5], [7, 8]), page_size=16, block_n=32)
+    assert not tiles_in_page_runs(kv([7, 8]), page_size=16, block_n=16)  # a tile in one page already
+    assert not tiles_in_page_runs(kv([7, 8]), page_size=24, block_n=32)  # pages do not divide tiles
+    assert not tiles_in_page_runs(kv(), page_size=16, block_n=32)
+
+
+@pytest.mark.parametrize("layout", ["nhd", "hnd", "nhd, no block copies"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_shared_chunk_in_consecutive_pages(layout, dtype, monkeypatch):
+    """A shared prefix in consecutive pages (an engine's one-piece allocation) is read as page runs where
+    the cache holds its pages in rows (NHD; as block copies, or as contiguous rows where block copies are
+    unavailable), gathered otherwise (an HND view); all equal the reference. Queries sit after the prefix
+    and inside it (masked tiles of a run), the prefix ends inside a page and inside a tile (rows past its
+    end hold NaN)."""
+    import cascade_kernels.attention as attention
+    from cascade_kernels.cascade import tiles_in_page_runs
+
+    if layout.endswith("no block copies"):
+        monkeypatch.setattr(attention, "tma_usable", lambda *args, **kwargs: False)
+        layout = "nhd"
+
+    gen = torch.Generator().manual_seed(11)
+    num_q_heads, num_kv_heads, head_dim, page_size = 8, 2, 64, 16
+    prefix, own = 300, [5, 40, 1]
+    builder = _CacheBuilder(page_size, num_kv_heads, head_dim, dtype)
+
+    def randn(n):
+        return torch.randn((n, num_kv_heads, head_dim), generator=gen).to(dtype)
+
+    h_prefix = builder.add(randn(prefix), randn(prefix))
+    h_own = [builder.add(randn(n), randn(n)) for n in own]
+    k_cache, v_cache, pages = builder.build(gen, layout, spare_pages=2, runs=(h_prefix,))
+    assert pages[h_prefix] == list(range(pages[h_prefix][0], pages[h_prefix][0] + len(pages[h_prefix])))
+    # request 0 decodes after its own tokens, request 1 prefills 6 tokens of which 3 sit inside the prefix
+    # (positions 100-102), request 2 decodes
+    q_pos = [prefix + own[0], 100, 101, 102, prefix + 30, prefix + 31, prefix + 39, prefix + own[2]]
+    qo = [0, 1, 7, 8]
+    q = torch.randn((len(q_pos), num_q_heads, head_dim), generator=gen).to(dtype).to(DEVICE)
+    levels = [ck.CascadeLevel(i32([0, len(q_pos)]), _paged_kv([pages[h_prefix]], [prefix], [0])),
+              ck.CascadeLevel(i32(qo), _paged_kv([pages[h] for h in h_own], own, [prefix] * 3))]
+    sinks = torch.linspace(-2.0, 3.0, num_q_heads, device=DEVICE)
+    for options in (dict(), dict(window_left=150, sinks=sinks), dict(causal=False, softcap=5.0)):
+        plan = ck.plan_cascade(levels, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                               page_size=page_size, dtype=dtype, num_pages=k_cache.shape[0], fold=False, **options)
+        shared = plan.launches[0]
+        assert shared.page_runs == (shared.config.block_n > page_size), plan
+        assert shared.page_runs == tiles_in_page_runs(levels[0].kv, page_size, shared.config.block_n)
+        o, lse = plan.run(q, i32(q_pos), k_cache, v_cache)
+        expected = reference.cascade_attention(q, i32(q_pos), k_cache, v_cache, levels, **options)
+        check_outputs(o, lse, expected, q, msg=f"{layout} {options} {plan}")

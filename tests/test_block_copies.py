@@ -39,8 +39,8 @@ def _check_both_paths(p, kernel, ref, args, launches_expected: bool):
     agrees within rounding with the row-gather path."""
     answers, real = [], attention.tma_usable
 
-    def spy(k_cache, v_cache, block_n, block_d, prefetch):
-        answers.append((real(k_cache, v_cache, block_n, block_d, prefetch), _has_tma() and not prefetch))
+    def spy(k_cache, v_cache, block_n, block_d, prefetch, page_runs=False):
+        answers.append((real(k_cache, v_cache, block_n, block_d, prefetch, page_runs), _has_tma() and not prefetch))
         return answers[-1][0]
 
     with pytest.MonkeyPatch.context() as mp:

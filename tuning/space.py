@@ -89,7 +89,9 @@ def keep(task: Task, c: TileConfig) -> bool:
 
 
 def candidates(task: Task) -> list[TileConfig]:
-    """The heuristic's config first (the baseline every gain is measured against), then the space."""
+    """The heuristic's config first (the baseline every gain is measured against), then the space: its
+    tiles at the default split policy, the heuristic's tile left out whatever its ``waves`` (the second
+    stage searches waves)."""
     if task.family == "decode":
         space = [TileConfig(min(64, padded(task.group)), bn, w, s, pf)
                  for bn in (16, 32, 64, 128) for w in (1, 2, 4) for s in (2, 5, 6, 8) for pf in (False, True)]
@@ -97,7 +99,7 @@ def candidates(task: Task) -> list[TileConfig]:
         space = [TileConfig(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
                  for s in (2, 3, 5, 6)]
     base = task.heuristic()
-    return [base] + [c for c in space if c != base and keep(task, c)]
+    return [base] + [c for c in space if replace(c, waves=base.waves) != base and keep(task, c)]
 
 
 WAVES = (1, 2, 4, 8)  # programs per SM the automatic KV split count aims for (heuristic: 2; one-page decode: 4)

@@ -206,7 +206,8 @@ def launch_attention(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=options.causal, HAS_WINDOW=options.window_left is not None,
         HAS_SOFTCAP=options.softcap is not None, HAS_SINKS=has_sinks,
-        PAGE_ALIGNED=page_runs or geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles, PREFETCH=config.prefetch,
+        PAGE_ALIGNED=page_runs or geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles,
+        PREFETCH=config.prefetch,
         TMA=tma, INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
     )
 

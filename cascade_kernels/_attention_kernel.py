@@ -70,23 +70,32 @@ def _live_rows(start, kv_len, limit, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(page_table_ptr, start, kv_len, limit, page_size, s_p, s_s,
-               BLOCK_N: tl.constexpr, PAGE_ALIGNED: tl.constexpr):
-    """Cache row offsets ``[BLOCK_N]`` (int64) of KV tokens ``start ... start + BLOCK_N - 1`` of a segment.
+def _page_ids(page_table_ptr, start, kv_len, limit, page_size, BLOCK_N: tl.constexpr, PAGE_ALIGNED: tl.constexpr,
+              TMA: tl.constexpr):
+    """Page ids of KV tokens ``start ... start + BLOCK_N - 1`` of a segment: ``[BLOCK_N]`` int64, or with
+    ``TMA`` the scalar id of the tile's first page (the tile lies in one page or one run of consecutive pages).
 
-    A tile starting at or past ``limit`` (a prefetch past the loop's end) reads no page id.
+    A tile starting at or past ``limit`` (a read past the loop's end) reads no page id.
     """
-    offs_n = start + tl.arange(0, BLOCK_N)
+    if TMA:
+        return tl.load(page_table_ptr + start // page_size, mask=start < limit, other=0)  # int32: a row < 2^31
     ok = _live_rows(start, kv_len, limit, BLOCK_N)
     if PAGE_ALIGNED:
         # the whole tile lies in one page, or in consecutive pages of a row-contiguous cache (a page run,
-        # checked by the plan): every row reads the tile's first page id, and the rows are contiguous
+        # checked by the plan): every row reads the tile's first page id
         page_entry = start // page_size + tl.zeros([BLOCK_N], tl.int32)
-        slot = (start % page_size + tl.arange(0, BLOCK_N)).to(tl.int64)
     else:
-        page_entry = offs_n // page_size
-        slot = (offs_n % page_size).to(tl.int64)
-    page = tl.load(page_table_ptr + page_entry, mask=ok, other=0).to(tl.int64)
+        page_entry = (start + tl.arange(0, BLOCK_N)) // page_size
+    return tl.load(page_table_ptr + page_entry, mask=ok, other=0).to(tl.int64)
+
+
+@triton.jit
+def _tile_rows(page, start, page_size, s_p, s_s, BLOCK_N: tl.constexpr, PAGE_ALIGNED: tl.constexpr):
+    """Cache row offsets ``[BLOCK_N]`` (int64) of KV tokens ``start ... start + BLOCK_N - 1`` on pages ``page``."""
+    if PAGE_ALIGNED:
+        slot = (start % page_size + tl.arange(0, BLOCK_N)).to(tl.int64)  # contiguous rows from the first page
+    else:
+        slot = ((start + tl.arange(0, BLOCK_N)) % page_size).to(tl.int64)
     return page * s_p + slot * s_s
 
 
@@ -102,10 +111,11 @@ def _load_kv(ptrs, row_ok, mask_d, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr)
 
 
 @triton.jit
-def _load_tile(k_src, v_src, page_table_ptr, start, kv_len, limit, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
+def _load_tile(k_src, v_src, page, start, kv_len, limit, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
                offs_d, mask_d, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                PAGE_ALIGNED: tl.constexpr, TMA: tl.constexpr):
-    """Key and value tiles ``[BLOCK_N, BLOCK_D]`` of KV tokens from ``start``; both loads issued together.
+    """Key and value tiles ``[BLOCK_N, BLOCK_D]`` of KV tokens from ``start`` on pages ``page`` (``_page_ids``);
+    both loads issued together.
 
     ``k_src``/``v_src`` are pointers to this KV head's slice of the caches, or with ``TMA`` tensor
     descriptors over ``[pages * page_size, head_dim]`` row views of them: the tile lies in one page or one
@@ -114,7 +124,6 @@ def _load_tile(k_src, v_src, page_table_ptr, start, kv_len, limit, page_size, s_
     """
     row_ok = _live_rows(start, kv_len, limit, BLOCK_N)
     if TMA:
-        page = tl.load(page_table_ptr + start // page_size)
         row = page * page_size + start % page_size
         k = k_src.load([row, 0])
         v = v_src.load([row, 0])
@@ -123,8 +132,8 @@ def _load_tile(k_src, v_src, page_table_ptr, start, kv_len, limit, page_size, s_
             # hides them from the logits, and this keeps 0 * NaN out of p @ v
             v = tl.where(row_ok[:, None], v, 0.0)
     else:
-        k_rows = _tile_rows(page_table_ptr, start, kv_len, limit, page_size, s_kp, s_ks, BLOCK_N, PAGE_ALIGNED)
-        v_rows = _tile_rows(page_table_ptr, start, kv_len, limit, page_size, s_vp, s_vs, BLOCK_N, PAGE_ALIGNED)
+        k_rows = _tile_rows(page, start, page_size, s_kp, s_ks, BLOCK_N, PAGE_ALIGNED)
+        v_rows = _tile_rows(page, start, page_size, s_vp, s_vs, BLOCK_N, PAGE_ALIGNED)
         k = _load_kv(k_src + k_rows[:, None] + offs_d[None, :] * s_kd, row_ok, mask_d, ROW_MASK, EVEN_D)
         v = _load_kv(v_src + v_rows[:, None] + offs_d[None, :] * s_vd, row_ok, mask_d, ROW_MASK, EVEN_D)
     return k, v
@@ -139,7 +148,8 @@ def _attend_range(
     lo, hi,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     PAGE_ALIGNED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, TMA: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr, LOOKAHEAD: tl.constexpr, TMA: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Online-softmax accumulation over the KV tiles starting in ``[lo, hi)`` (``lo`` BLOCK_N-aligned).
 
@@ -147,23 +157,35 @@ def _attend_range(
     Without ``MASKED`` every key of every tile is visible to every row and inside the segment.
     With ``PREFETCH`` the next tile's keys and values are loaded into registers before this tile is
     computed, so a memory-bound program (decode) always has a tile in flight; otherwise the compiler's
-    software pipeline (``num_stages``) overlaps loads and math.
+    software pipeline (``num_stages``) overlaps loads and math. With ``LOOKAHEAD`` the next tile's page ids
+    are read while this tile is computed: the tile loads then depend on no load of their own iteration, and
+    the pipeline keeps ``num_stages - 1`` tiles in flight (without it, the page-id load and the tile load
+    it feeds share the stages, and nothing overlaps below 5).
     """
     mask_d = offs_d < HEAD_DIM
     if PREFETCH:
-        k_next, v_next = _load_tile(k_ptr, v_ptr, page_table_ptr, lo, kv_len, hi, page_size,
-                                    s_kp, s_ks, s_kd, s_vp, s_vs, s_vd, offs_d, mask_d,
-                                    True, EVEN_D, BLOCK_N, PAGE_ALIGNED, False)
+        page = _page_ids(page_table_ptr, lo, kv_len, hi, page_size, BLOCK_N, PAGE_ALIGNED, False)
+        k_next, v_next = _load_tile(k_ptr, v_ptr, page, lo, kv_len, hi, page_size, s_kp, s_ks, s_kd, s_vp, s_vs,
+                                    s_vd, offs_d, mask_d, True, EVEN_D, BLOCK_N, PAGE_ALIGNED, False)
+    if LOOKAHEAD:
+        page_next = _page_ids(page_table_ptr, lo, kv_len, hi, page_size, BLOCK_N, PAGE_ALIGNED, TMA)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         if PREFETCH:
             k = k_next
             v = v_next
-            k_next, v_next = _load_tile(k_ptr, v_ptr, page_table_ptr, start + BLOCK_N, kv_len, hi, page_size,
+            page = _page_ids(page_table_ptr, start + BLOCK_N, kv_len, hi, page_size, BLOCK_N, PAGE_ALIGNED, False)
+            k_next, v_next = _load_tile(k_ptr, v_ptr, page, start + BLOCK_N, kv_len, hi, page_size,
                                         s_kp, s_ks, s_kd, s_vp, s_vs, s_vd, offs_d, mask_d,
                                         True, EVEN_D, BLOCK_N, PAGE_ALIGNED, False)
         else:
-            k, v = _load_tile(k_ptr, v_ptr, page_table_ptr, start, kv_len, hi, page_size,
+            if LOOKAHEAD:
+                page = page_next
+                page_next = _page_ids(page_table_ptr, start + BLOCK_N, kv_len, hi, page_size, BLOCK_N,
+                                      PAGE_ALIGNED, TMA)
+            else:
+                page = _page_ids(page_table_ptr, start, kv_len, hi, page_size, BLOCK_N, PAGE_ALIGNED, TMA)
+            k, v = _load_tile(k_ptr, v_ptr, page, start, kv_len, hi, page_size,
                               s_kp, s_ks, s_kd, s_vp, s_vs, s_vd, offs_d, mask_d,
                               MASKED or (not EVEN_D), EVEN_D, BLOCK_N, PAGE_ALIGNED, TMA)
         s = _tile_scores(q, k, q_pos, offs_n, kv_start, kv_len, qk_scale, softcap,
@@ -203,8 +225,8 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    PAGE_ALIGNED: tl.constexpr, REVERSE_TILES: tl.constexpr, PREFETCH: tl.constexpr, TMA: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    PAGE_ALIGNED: tl.constexpr, REVERSE_TILES: tl.constexpr, PREFETCH: tl.constexpr, LOOKAHEAD: tl.constexpr,
+    TMA: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Grid ``(work tiles * num_kv_heads * num_splits,)``. Writes normalised ``o`` and natural-log ``lse`` of
     its rows for its split (slot ``slot_offset + split``); the wrapper merges splits when there are several.
@@ -212,6 +234,7 @@ def _paged_attention_kernel(
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads HEAD_DIM")
     tl.static_assert(not TMA or (PAGE_ALIGNED and not PREFETCH), "block copies need page-aligned tiles")
+    tl.static_assert(not (PREFETCH and LOOKAHEAD), "register prefetch already reads a tile ahead")
     # One flat grid, KV head fastest, then split, then work tile: the programs that run side by side
     # read the same pages (each head's slice of them), so a page is fetched from DRAM while it is hot.
     pid = tl.program_id(0)
@@ -289,18 +312,18 @@ def _paged_attention_kernel(
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
         offs_d, kv_start, kv_len, qk_scale, softcap, window_left, a, mid_lo,
-        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, TMA,
-        INTERPRET)
+        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH,
+        LOOKAHEAD, TMA, INTERPRET)
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
         offs_d, kv_start, kv_len, qk_scale, softcap, window_left, mid_lo, mid_hi,
-        False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, TMA,
-        INTERPRET)
+        False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH,
+        LOOKAHEAD, TMA, INTERPRET)
     acc, l_i, m_i = _attend_range(
         acc, l_i, m_i, q, q_pos, k_head, v_head, page_table, page_size, s_kp, s_ks, s_kd, s_vp, s_vs, s_vd,
         offs_d, kv_start, kv_len, qk_scale, softcap, window_left, mid_hi, b,
-        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH, TMA,
-        INTERPRET)
+        True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH,
+        LOOKAHEAD, TMA, INTERPRET)
 
     if HAS_SINKS:
         # One more logit per head, value vector zero: it only grows the denominator. Applied only

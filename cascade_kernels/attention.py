@@ -44,7 +44,10 @@ class Options:
 class TileConfig:
     """Launch parameters of the attention kernel: tile sizes, warps, software-pipelining depth, and the
     split policy: ``waves`` is how many programs per SM the automatic KV split count aims for. ``tma``
-    allows block copies of page-aligned KV tiles (off: every tile is gathered row by row)."""
+    allows block copies of page-aligned KV tiles (off: every tile is gathered row by row). ``lookahead``
+    reads the next KV tile's page ids while this tile is computed, so Triton's software pipeline keeps
+    ``num_stages - 1`` tiles in flight; without it the page-id loads take stages of their own and nothing
+    overlaps below 5 (the tuned decode configs were chosen that way)."""
 
     block_m: int
     block_n: int
@@ -53,6 +56,7 @@ class TileConfig:
     prefetch: bool = False  # load the next KV tile into registers before computing this one
     waves: int = 2
     tma: bool = True  # page-aligned tiles as block copies where the GPU and the cache allow (``_tma.py``)
+    lookahead: bool = False  # page ids one tile ahead (not with prefetch, which reads a whole tile ahead)
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,10 @@ def heuristic_config(kind: str, head_dim: int, group: int, dtype: torch.dtype,
                      page_size: int | None = None) -> TileConfig:
     """Tile sizes used when no tuned config matches.
 
-    prefill: 128 query rows (tokens x GQA group) against 128 keys in 8 warps (best of the configs swept
-    on an H200 for head_dim 128 bf16); fp32 and head dims over 128 halve the tiles to fit shared memory.
+    prefill: 128 query rows (tokens x GQA group) against 128 keys in 8 warps, page ids one tile ahead and
+    3 stages (two tiles in flight; best of the configs swept on an H200 for head_dim 128 bf16: 10-15%
+    over 2 stages without lookahead, where no load overlapped the math); fp32 and head dims over 128
+    halve the tiles to fit shared memory.
     Such a program takes a whole SM (its registers and most of its shared memory), so splits aim at one
     program per SM (``waves=1``); on an H200 a cascade's shared level (few query tiles over 32k keys) ran
     8-12% faster with half the splits that two per SM ask for, and the tuner picked ``waves=1`` wherever
@@ -103,10 +109,10 @@ def heuristic_config(kind: str, head_dim: int, group: int, dtype: torch.dtype,
             return TileConfig(block_m=block_m, block_n=16, num_warps=block_m // 16, num_stages=6, waves=4)
         return TileConfig(block_m=block_m, block_n=32 if wide else 64, num_warps=4, num_stages=2 if wide else 5)
     if interpreting():
-        return TileConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+        return TileConfig(block_m=32, block_n=32, num_warps=4, num_stages=1, lookahead=True)
     if wide:
         return TileConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    return TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, waves=1)
+    return TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, waves=1, lookahead=True)
 
 
 def check_attention_args(q, q_pos, k_cache, v_cache, kv, *, causal, sm_scale, window_left, softcap, sinks):
@@ -207,7 +213,7 @@ def launch_attention(
         CAUSAL=options.causal, HAS_WINDOW=options.window_left is not None,
         HAS_SOFTCAP=options.softcap is not None, HAS_SINKS=has_sinks,
         PAGE_ALIGNED=page_runs or geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles,
-        PREFETCH=config.prefetch,
+        PREFETCH=config.prefetch, LOOKAHEAD=config.lookahead and not config.prefetch,
         TMA=tma, INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
     )
 

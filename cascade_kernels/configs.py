@@ -9,8 +9,9 @@ or in the folder named by the environment variable ``CASCADE_KERNELS_CONFIG_DIR`
                                                 "num_stages": 3, "prefetch": false, "waves": 2}, ...},
      "timings": {"d128_g4_p16_bf16_q512_kv4k": {"ms": 0.41, "heuristic_ms": 0.47}, ...}}
 
-``prefetch`` (default false), ``waves`` (programs per SM the KV split count aims for, default 2) and
-``tma`` (block copies of page-aligned KV tiles allowed, default true) may be left out. ``meta``
+``prefetch`` (default false), ``waves`` (programs per SM the KV split count aims for, default 2),
+``tma`` (block copies of page-aligned KV tiles allowed, default true) and ``lookahead`` (page ids read
+one KV tile ahead, default false) may be left out. ``meta``
 describes the file and is kept apart from the buckets; ``timings`` (optional) records what the tuning
 measured. Files are written by ``python -m tuning`` (see ``tuning/README.md``), never by hand.
 
@@ -248,7 +249,7 @@ def _config_from_json(path, key, value) -> _attention.TileConfig:
     where = f"{path}: configs[{key!r}]"
     if not isinstance(value, dict):
         raise ValueError(f"{where} must be an object, got {type(value).__name__}")
-    unknown = set(value) - set(_CONFIG_INTS) - {"prefetch", "waves", "tma"}
+    unknown = set(value) - set(_CONFIG_INTS) - {"prefetch", "waves", "tma", "lookahead"}
     if unknown:
         raise ValueError(f"{where} has unknown fields {sorted(unknown)}")
     for name in _CONFIG_INTS:
@@ -273,8 +274,13 @@ def _config_from_json(path, key, value) -> _attention.TileConfig:
     tma = value.get("tma", True)
     if not isinstance(tma, bool):
         raise ValueError(f"{where}.tma must be a bool, got {tma!r}")
+    lookahead = value.get("lookahead", False)
+    if not isinstance(lookahead, bool):
+        raise ValueError(f"{where}.lookahead must be a bool, got {lookahead!r}")
+    if lookahead and prefetch:
+        raise ValueError(f"{where}: lookahead and prefetch exclude each other (prefetch reads a whole tile ahead)")
     return _attention.TileConfig(value["block_m"], value["block_n"], value["num_warps"], value["num_stages"],
-                                 prefetch, waves, tma)
+                                 prefetch, waves, tma, lookahead)
 
 
 def _check_document(doc, path, family: str | None, device: str | None) -> ConfigFile:

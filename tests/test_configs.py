@@ -109,7 +109,8 @@ def test_written_file_loads_back_with_meta_apart(tmp_path):
     assert set(doc) == {"meta", "configs", "timings"}
     assert set(doc["meta"]) == {"family", "gpu", "triton", "torch", "date", "commit"}
     assert doc["configs"]["d64_g8_p1_fp16_q1_kv64k"] == {"block_m": 16, "block_n": 16, "num_warps": 2,
-                                                         "num_stages": 2, "prefetch": True, "waves": 2, "tma": True}
+                                                         "num_stages": 2, "prefetch": True, "waves": 2, "tma": True,
+                                                         "lookahead": False}
     loaded = configs.load_configs(path)
     assert loaded.family == "decode" and loaded.meta["gpu"] == FAKE_GPU
     assert loaded.configs == {configs.parse_bucket("d128_g4_p16_bf16_q1_kv1k"): A,
@@ -158,6 +159,9 @@ CORRUPT = {
     "waves 0": (_set((*BUCKET, "waves"), 0), "waves must be an int in [1, 16]"),
     "waves a float": (_set((*BUCKET, "waves"), 2.0), "waves must be an int in [1, 16]"),
     "tma not a bool": (_set((*BUCKET, "tma"), 1), "tma must be a bool"),
+    "lookahead a string": (_set((*BUCKET, "lookahead"), "on"), "lookahead must be a bool"),
+    "lookahead with prefetch": (lambda doc: doc["configs"][BUCKET[1]].update(prefetch=True, lookahead=True),
+                                "lookahead and prefetch exclude each other"),
 }
 
 
@@ -167,7 +171,7 @@ def test_optional_fields_default(tmp_path):
     path = configs.config_path("prefill", FAKE_GPU, tmp_path)
     path.write_text(json.dumps(_valid_doc()))
     (config,) = configs.load_configs(path).configs.values()
-    assert config == TileConfig(128, 64, 8, 2, prefetch=False, waves=2)
+    assert config == TileConfig(128, 64, 8, 2, prefetch=False, waves=2, tma=True, lookahead=False)
     from cascade_kernels.attention import choose_splits, num_sms
 
     sms = num_sms(torch.device(DEVICE))

@@ -28,6 +28,9 @@ from hypothesis import strategies as st
 
 import cascade_kernels as ck
 import reference
+from cascade_kernels._triton import padded
+from cascade_kernels.attention import TileConfig
+from cascade_kernels.configs import pinned_config
 from conftest import DEVICE, LARGE, assert_close
 from strategies import _CacheBuilder, _paged_kv, paged_problem
 
@@ -95,6 +98,23 @@ def test_prefill_does_not_depend_on_num_splits(p, num_splits):
     many = ck.paged_prefill(*p.args, **p.options, num_splits=num_splits)
     check_outputs(*many, expected, p.q, msg=f"num_splits={num_splits} {p!r}")
     check_same(many, one, p.dtype, msg=f"num_splits={num_splits} vs 1 {p!r}")
+
+
+@fewer(2)
+@given(paged_problem(), st.sampled_from([(16, 16, 1), (32, 32, 2), (16, 64, 4)]), st.sampled_from([1, 3]))
+def test_page_id_lookahead_changes_nothing(p, tile, num_splits):
+    """Page ids read one KV tile ahead (``TileConfig.lookahead``) give the reference, and the result of
+    reading them in the tile's own iteration, within rounding: gathered and one-page tiles (block copies
+    where the cache allows), splits cutting the KV range anywhere."""
+    if 3 * 2 * tile[1] * padded(p.q.shape[-1]) * p.q.element_size() > 160 * 1024:
+        tile = (16, 16, 1)  # three stages of a wide tile would not fit a GPU's shared memory
+    expected = reference.paged_prefill(*p.args, **p.options)
+    out = {}
+    for lookahead in (False, True):
+        with pinned_config("prefill", TileConfig(*tile, 3, lookahead=lookahead)):
+            out[lookahead] = ck.paged_prefill(*p.args, **p.options, num_splits=num_splits)
+        check_outputs(*out[lookahead], expected, p.q, msg=f"lookahead={lookahead} {tile} {p!r}")
+    check_same(out[True], out[False], p.dtype, msg=f"{tile} {p!r}")
 
 
 def split_at_pages(kv: ck.PagedKV, page_size: int, cuts: list[int]) -> tuple[ck.PagedKV, ck.PagedKV]:

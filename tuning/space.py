@@ -16,10 +16,10 @@ from cascade_kernels import configs
 from cascade_kernels._triton import padded
 from cascade_kernels.attention import TileConfig, heuristic_config
 
-# Shared memory the estimate in keep() may use per program (the H100/H200 opt-in limit is 227 KiB;
-# Triton needs some for layout conversions). Over it the launch fails and the candidate is skipped anyway:
-# the estimate only saves compile time.
-SMEM_LIMIT = 200 * 1024
+# Shared memory the estimate in keep() may use per program: the H100/H200 opt-in limit, 227 KiB (the
+# 128x128 prefill tile with 3 stages takes 224 KiB). Over it the launch fails and the candidate is skipped
+# anyway: the estimate only saves compile time.
+SMEM_LIMIT = 227 * 1024
 # fp32 registers per thread the accumulator, the score tile and the query tile may take before the
 # kernel spills (255 is the hardware cap; the heuristic's 128x128 tile in 8 warps with head dim 128 needs 160).
 REGISTER_LIMIT = 224
@@ -67,8 +67,10 @@ def keep(task: Task, c: TileConfig) -> bool:
     """Whether a candidate is worth compiling for ``task``."""
     d = padded(task.head_dim)
     e = _elem(task.dtype)
-    if c.num_stages in (3, 4):
-        return False  # page ids load inside the KV loop: below 5 stages nothing pipelines, as with 2
+    if c.lookahead and (c.prefetch or c.num_stages < 3):
+        return False  # prefetch reads a whole tile ahead already; 2 stages overlap nothing either way
+    if c.num_stages in (3, 4) and not c.lookahead:
+        return False  # page ids load in the tile's own iteration: below 5 stages nothing pipelines
     if c.num_stages > 6 and task.family == "decode" and c.block_n > 16:
         return False  # eight stages only for one-page tiles (small buffers, many programs per SM)
     if c.num_stages > 5 and task.family == "prefill":
@@ -96,8 +98,10 @@ def candidates(task: Task) -> list[TileConfig]:
         space = [TileConfig(min(64, padded(task.group)), bn, w, s, pf)
                  for bn in (16, 32, 64, 128) for w in (1, 2, 4) for s in (2, 5, 6, 8) for pf in (False, True)]
     else:
-        space = [TileConfig(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
-                 for s in (2, 3, 5, 6)]
+        # page ids one tile ahead (lookahead) at 3-5 stages, and the loads of the tile's own iteration at
+        # 2 (single-buffered) and 5 stages
+        space = [TileConfig(bm, bn, w, s, lookahead=la) for bm in (64, 128) for bn in (32, 64, 128)
+                 for w in (4, 8) for s in (2, 3, 4, 5) for la in (True, False)]
     base = task.heuristic()
     return [base] + [c for c in space if replace(c, waves=base.waves) != base and keep(task, c)]
 

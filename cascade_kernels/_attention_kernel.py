@@ -78,15 +78,17 @@ def _page_ids(page_table_ptr, start, kv_len, limit, page_size, BLOCK_N: tl.const
     A tile starting at or past ``limit`` (a read past the loop's end) reads no page id.
     """
     if TMA:
-        return tl.load(page_table_ptr + start // page_size, mask=start < limit, other=0)  # int32: a row < 2^31
-    ok = _live_rows(start, kv_len, limit, BLOCK_N)
-    if PAGE_ALIGNED:
-        # the whole tile lies in one page, or in consecutive pages of a row-contiguous cache (a page run,
-        # checked by the plan): every row reads the tile's first page id
-        page_entry = start // page_size + tl.zeros([BLOCK_N], tl.int32)
+        page = tl.load(page_table_ptr + start // page_size, mask=start < limit, other=0)  # int32: rows < 2^31
     else:
-        page_entry = (start + tl.arange(0, BLOCK_N)) // page_size
-    return tl.load(page_table_ptr + page_entry, mask=ok, other=0).to(tl.int64)
+        if PAGE_ALIGNED:
+            # the whole tile lies in one page, or in consecutive pages of a row-contiguous cache (a page
+            # run, checked by the plan): every row reads the tile's first page id
+            page_entry = start // page_size + tl.zeros([BLOCK_N], tl.int32)
+        else:
+            page_entry = (start + tl.arange(0, BLOCK_N)) // page_size
+        ok = _live_rows(start, kv_len, limit, BLOCK_N)
+        page = tl.load(page_table_ptr + page_entry, mask=ok, other=0).to(tl.int64)
+    return page
 
 
 @triton.jit

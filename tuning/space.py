@@ -120,17 +120,19 @@ def refinements(task: Task, best: TileConfig) -> list[TileConfig]:
 # timed on a batch of 12 picked 8 stages that ran 0.79 of the read ceiling at batch 128, where 6 stages
 # ran 0.93). Prefill: a cascade's shared level, which is one segment (the decode tokens of 64 or 256
 # requests over one long shared prefix: a config timed on 3 segments over 8k keys ran that level 7%
-# slower than the heuristic), chunked prefill, and a fresh prompt. The long-context decode batch leaves
+# slower than the heuristic), chunked prefill, and fresh prompts of 4k and 16k tokens. The long-context decode batch leaves
 # room for KV splits.
 LENGTHS = {
     "decode": [(1, 1024, 151), (1, 8192, 61), (1, 65536, 9)],
-    "prefill": [(64, 8192, 3), (64, 32768, 1), (256, 32768, 1), (512, 4096, 6), (4096, 4096, 2)],
+    "prefill": [(64, 8192, 3), (64, 32768, 1), (256, 32768, 1), (512, 4096, 6), (4096, 4096, 2),
+                (16384, 16384, 1)],
 }
 
 # (family, head_dim, group, page_size, dtype) in priority order.
 DEFAULT_CLASSES = [
     ("decode", 128, 4, 16, "bf16"),
     ("prefill", 128, 4, 16, "bf16"),
+    ("prefill", 128, 4, 256, "bf16"),  # pages of 256 (nano-vllm's): whole KV tiles are block copies
     ("decode", 128, 8, 16, "bf16"),
     ("decode", 64, 4, 16, "bf16"),
     ("prefill", 64, 4, 16, "bf16"),

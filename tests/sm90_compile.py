@@ -1,0 +1,109 @@
+"""Compile the attention kernel for Hopper (sm_90) without a GPU, and report what the compiler made of it.
+
+Triton's front end, its passes and ``ptxas`` (shipped with the triton wheel) run on any machine, so a
+CPU can catch what the interpreter never sees: a type error in a branch the interpreter skips, shared
+memory over the 227 KiB a program may use, a software pipeline that does not overlap any copy.
+
+    python tests/sm90_compile.py [case ...]      # one JSON line per case; no GPU needed
+
+Run it without ``TRITON_INTERPRET`` (under the interpreter ``triton.jit`` makes no compilable function);
+``tests/test_sm90_compile.py`` runs it in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("sm90_compile.py: unset TRITON_INTERPRET (the interpreter's functions do not compile)")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from cascade_kernels._attention_kernel import _paged_attention_kernel  # noqa: E402
+
+SMEM_LIMIT = 232448  # bytes of shared memory one program may opt into on an H100/H200
+
+_BASE = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False,
+             HAS_SINKS=False, PAGE_ALIGNED=False, REVERSE_TILES=False, PREFETCH=False, LOOKAHEAD=False,
+             TMA=False, INTERPRET=False)
+
+# name -> (dtype, constexprs over _BASE, num_warps, num_stages): the shipped H200 tiles and the paths
+# between them (row gathers, block copies, register prefetch, padded head dim with every option).
+CASES = {
+    "prefill-gather-lookahead": ("bf16", dict(BLOCK_M=128, BLOCK_N=128, LOOKAHEAD=True, REVERSE_TILES=True), 8, 3),
+    "prefill-blockcopy-lookahead": ("bf16", dict(BLOCK_M=128, BLOCK_N=128, LOOKAHEAD=True, REVERSE_TILES=True,
+                                                 PAGE_ALIGNED=True, TMA=True), 8, 3),
+    "prefill-gather-5-stages": ("bf16", dict(BLOCK_M=128, BLOCK_N=64, REVERSE_TILES=True), 8, 5),
+    "decode-blockcopy": ("bf16", dict(BLOCK_M=16, BLOCK_N=16, PAGE_ALIGNED=True, TMA=True), 1, 6),
+    "decode-prefetch": ("bf16", dict(BLOCK_M=16, BLOCK_N=64, PREFETCH=True), 4, 2),
+    "options-fp16-d96": ("fp16", dict(BLOCK_M=64, BLOCK_N=32, HEAD_DIM=96, HAS_WINDOW=True, HAS_SOFTCAP=True,
+                                      HAS_SINKS=True, LOOKAHEAD=True), 4, 3),
+}
+
+_INT_PTRS = ("q_pos_ptr", "qo_indptr_ptr", "tile_indptr_ptr", "kv_indptr_ptr", "kv_indices_ptr", "kv_lens_ptr",
+             "kv_start_ptr")
+
+
+def compile_case(name: str) -> dict:
+    """Compile one case for sm_90; return its registers, spill bytes, shared memory and whether the KV
+    loop's row gathers are software-pipelined (some ``cp.async.wait_group`` leaves copies in flight)."""
+    dtype, constexprs, num_warps, num_stages = CASES[name]
+    const = {**_BASE, **constexprs}
+    fn = _paged_attention_kernel
+    names = list(fn.arg_names)
+    signature, fixed, attrs = {}, {}, {}
+    for i, arg in enumerate(names):
+        if arg in const:
+            signature[arg] = "constexpr"
+            fixed[(i,)] = const[arg]
+        elif arg in _INT_PTRS:
+            signature[arg] = "*i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg in ("sinks_ptr", "lse_ptr"):
+            signature[arg] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg.endswith("_ptr"):
+            signature[arg] = f"*{dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg in ("qk_scale", "softcap"):
+            signature[arg] = "fp32"
+        elif arg in ("s_qd", "s_kd", "s_vd", "s_od", "s_lh"):
+            signature[arg] = "constexpr"  # unit strides, as Triton specializes them
+            fixed[(i,)] = 1
+        else:
+            signature[arg] = "i32"
+            if arg.startswith("s_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=fixed, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptx = kernel.asm["ptx"]
+    waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)]
+    return dict(case=name, **_resources(kernel.asm["cubin"]), shared=kernel.metadata.shared, smem_limit=SMEM_LIMIT,
+                row_copies=len(re.findall(r"cp\.async\.c[ag]", ptx)), pipelined=any(w > 0 for w in waits),
+                block_copies=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), triton=triton.__version__)
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers a thread and stack bytes (spills) from ``cuobjdump -res-usage``, when the wheel ships it."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.access(tool, os.X_OK):
+        return dict(registers=None, stack_bytes=None)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return dict(registers=int(m.group(1)) if m else None, stack_bytes=int(m.group(2)) if m else None)
+
+
+if __name__ == "__main__":
+    for case in sys.argv[1:] or list(CASES):
+        print(json.dumps(compile_case(case)), flush=True)

@@ -89,7 +89,9 @@ def heuristic_config(kind: str, head_dim: int, group: int, dtype: torch.dtype,
     prefill: 128 query rows (tokens x GQA group) against 128 keys in 8 warps, page ids one tile ahead and
     3 stages (two tiles in flight; best of the configs swept on an H200 for head_dim 128 bf16: 10-15%
     over 2 stages without lookahead, where no load overlapped the math); fp32 and head dims over 128
-    halve the tiles to fit shared memory.
+    shrink the tiles to fit shared memory: 128 x 64 in 8 warps at 2 stages for 16-bit head dims over 128
+    (the tuner's pick for prompts of 512-16k tokens at head_dim 256 on an H200, 1.47-1.52x the 64 x 32
+    tile in 4 warps that fp32 keeps).
     Such a program takes a whole SM (its registers and most of its shared memory), so splits aim at one
     program per SM (``waves=1``); on an H200 a cascade's shared level (few query tiles over 32k keys) ran
     8-12% faster with half the splits that two per SM ask for, and the tuner picked ``waves=1`` wherever
@@ -110,8 +112,10 @@ def heuristic_config(kind: str, head_dim: int, group: int, dtype: torch.dtype,
         return TileConfig(block_m=block_m, block_n=32 if wide else 64, num_warps=4, num_stages=2 if wide else 5)
     if interpreting():
         return TileConfig(block_m=32, block_n=32, num_warps=4, num_stages=1, lookahead=True)
-    if wide:
+    if dtype == torch.float32:
         return TileConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if wide:
+        return TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
     return TileConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, waves=1, lookahead=True)
 
 

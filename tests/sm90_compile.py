@@ -41,6 +41,7 @@ CASES = {
     "prefill-blockcopy-lookahead": ("bf16", dict(BLOCK_M=128, BLOCK_N=128, LOOKAHEAD=True, REVERSE_TILES=True,
                                                  PAGE_ALIGNED=True, TMA=True), 8, 3),
     "prefill-gather-5-stages": ("bf16", dict(BLOCK_M=128, BLOCK_N=64, REVERSE_TILES=True), 8, 5),
+    "prefill-d256": ("bf16", dict(BLOCK_M=128, BLOCK_N=64, HEAD_DIM=256, BLOCK_D=256, REVERSE_TILES=True), 8, 2),
     "decode-blockcopy": ("bf16", dict(BLOCK_M=16, BLOCK_N=16, PAGE_ALIGNED=True, TMA=True), 1, 6),
     "decode-prefetch": ("bf16", dict(BLOCK_M=16, BLOCK_N=64, PREFETCH=True), 4, 2),
     "options-fp16-d96": ("fp16", dict(BLOCK_M=64, BLOCK_N=32, HEAD_DIM=96, HAS_WINDOW=True, HAS_SOFTCAP=True,

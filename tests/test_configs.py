@@ -571,3 +571,32 @@ def test_every_shipped_config_passes_the_correctness_check():
             msg = f"{path.name} {bucket.key} {config}"
             assert_close(o, ref_o, task.torch_dtype, "o", msg=msg)
             assert_close(lse, ref_lse, task.torch_dtype, "lse", msg=msg)
+
+
+def test_a_bucket_timed_on_several_batches_takes_the_geometric_mean():
+    """A decode bucket has no batch dimension: it is timed on several batch sizes, and a candidate's time
+    is the geometric mean, so no one batch (and the rounds of programs it happens to fill) decides."""
+    from tuning import measure, space
+
+    task = space.Task("decode", 32, 2, 5, "bf16", 1, 37, 3, 2, (2, 5))
+    p = measure.timed_problem(task, DEVICE)
+    assert isinstance(p, measure.Batches) and [q.kv.num_segments for q in p.problems] == [3, 2, 5]
+    times = iter([1.0, 4.0, 2.0])
+    assert measure._geomean(lambda problem, config: next(times), p, None) == pytest.approx(2.0)
+    single = measure.timed_problem(space.Task("decode", 32, 2, 5, "bf16", 1, 37, 3, 2), DEVICE)
+    assert isinstance(single, measure.Problem) and single.kv.num_segments == 3
+    assert all(len(t.batches) == 3 for t in space.tasks("default", ("decode",)))
+
+
+def test_lookahead_candidates():
+    """Page ids one tile ahead: at 3-4 stages for decode (as many tiles in flight as 5-8 without), 3-5 for
+    prefill, never with register prefetch; without it, no 3 or 4 stages (nothing would pipeline)."""
+    from tuning import space
+
+    for task in space.tasks("default", ("decode", "prefill")):
+        for c in space.candidates(task)[1:]:
+            if c.lookahead:
+                assert not c.prefetch and 3 <= c.num_stages <= (4 if task.family == "decode" else 5), (task, c)
+            else:
+                assert c.num_stages not in (3, 4), (task, c)
+        assert any(c.lookahead for c in space.candidates(task)), task

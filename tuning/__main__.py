@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     cands = space.tiny_candidates if args.dry_run else space.candidates
     if args.list:
         for t in tasks:
-            print(f"{t.family:8s} {t.key:32s} batch {t.batch:3d}  {len(cands(t)):3d} candidates")
+            batches = "/".join(map(str, t.batches))
+            print(f"{t.family:8s} {t.key:32s} batch {batches:>11s}  {len(cands(t)):3d} candidates")
         print(f"{len(tasks)} buckets, {len({(t.shape_class, c) for t in tasks for c in cands(t)})} distinct "
               f"(shape class, config) compilations at least")
         return 0

@@ -75,9 +75,30 @@ def make_problem(task: Task, q_lens, kv_lens, device, seed: int = 0) -> Problem:
     return Problem(task, q, torch.tensor(q_pos, **i32), qo.to(**i32), k_cache, v_cache, kv)
 
 
-def timed_problem(task: Task, device) -> Problem:
-    """The batch a task is timed on: ``task.batch`` segments of ``task.q_len`` queries over ``task.kv_len`` keys."""
-    return make_problem(task, [task.q_len] * task.batch, [task.kv_len] * task.batch, device, seed=1)
+@dataclass
+class Batches:
+    """The batches one task is timed on (``Task.batches``): a candidate's time is the geometric mean of its
+    times on each, so that no single batch size (and the rounds of programs it happens to fill) decides."""
+
+    problems: list
+
+    def run(self, config: TileConfig):
+        for p in self.problems:
+            out = p.run(config)
+        return out
+
+
+def timed_problem(task: Task, device) -> Problem | Batches:
+    """The batches a task is timed on: for each of ``task.batches``, that many segments of ``task.q_len``
+    queries over ``task.kv_len`` keys (one :class:`Problem`, or :class:`Batches` of several)."""
+    problems = [make_problem(task, [task.q_len] * b, [task.kv_len] * b, device, seed=1) for b in task.batches]
+    return problems[0] if len(problems) == 1 else Batches(problems)
+
+
+def _geomean(timer, problem, config) -> float:
+    """``timer`` on each batch of ``problem``: the geometric mean of the milliseconds."""
+    times = [timer(p, config) for p in problem.problems]
+    return math.exp(sum(math.log(t) for t in times) / len(times))
 
 
 def check_problem(task: Task, device) -> Problem:
@@ -95,8 +116,11 @@ GRAPH_BELOW_MS = 0.02
 def gpu_timer(problem: Problem, config: TileConfig) -> float:
     """Median milliseconds of ``plan.run`` with ``config``: ``triton.testing.do_bench`` (L2 flushed, CUDA
     events), or ``do_bench_cudagraph`` for every candidate of a batch whose first timing is under
-    ``GRAPH_BELOW_MS`` and that can be captured."""
+    ``GRAPH_BELOW_MS`` and that can be captured; over :class:`Batches`, the geometric mean."""
     from triton.testing import do_bench, do_bench_cudagraph
+
+    if isinstance(problem, Batches):
+        return _geomean(gpu_timer, problem, config)
 
     with configs.pinned_config(problem.task.family, config):
         plan = problem.plan()
@@ -118,7 +142,10 @@ def gpu_timer(problem: Problem, config: TileConfig) -> float:
 
 
 def wall_timer(problem: Problem, config: TileConfig) -> float:
-    """Median wall-clock milliseconds of three runs after one warm-up (the --dry-run timer, on the CPU)."""
+    """Median wall-clock milliseconds of three runs after one warm-up (the --dry-run timer, on the CPU);
+    over :class:`Batches`, the geometric mean."""
+    if isinstance(problem, Batches):
+        return _geomean(wall_timer, problem, config)
     problem.run(config)
     times = []
     for _ in range(3):

@@ -40,6 +40,11 @@ class Task:
     kv_len: int
     batch: int
     num_kv_heads: int = 8
+    more_batches: tuple = ()  # further batch sizes the bucket is timed on (geometric mean of the times)
+
+    @property
+    def batches(self) -> tuple:
+        return (self.batch, *self.more_batches)
 
     @property
     def key(self) -> str:
@@ -71,6 +76,8 @@ def keep(task: Task, c: TileConfig) -> bool:
         return False  # prefetch reads a whole tile ahead already; 2 stages overlap nothing either way
     if c.num_stages in (3, 4) and not c.lookahead:
         return False  # page ids load in the tile's own iteration: below 5 stages nothing pipelines
+    if c.lookahead and task.family == "decode" and c.num_stages > 4:
+        return False  # 3-4 stages with lookahead keep as many tiles in flight as 5-8 without
     if c.num_stages > 6 and task.family == "decode" and c.block_n > 16:
         return False  # eight stages only for one-page tiles (small buffers, many programs per SM)
     if c.num_stages > 5 and task.family == "prefill":
@@ -95,8 +102,9 @@ def candidates(task: Task) -> list[TileConfig]:
     tiles at the default split policy, the heuristic's tile left out whatever its ``waves`` (the second
     stage searches waves)."""
     if task.family == "decode":
-        space = [TileConfig(min(64, padded(task.group)), bn, w, s, pf)
-                 for bn in (16, 32, 64, 128) for w in (1, 2, 4) for s in (2, 5, 6, 8) for pf in (False, True)]
+        space = [TileConfig(min(64, padded(task.group)), bn, w, s, pf, lookahead=la)
+                 for bn in (16, 32, 64, 128) for w in (1, 2, 4) for s in (2, 3, 4, 5, 6, 8) for pf in (False, True)
+                 for la in (False, True)]
     else:
         # page ids one tile ahead (lookahead) at 3-5 stages, and the loads of the tile's own iteration at
         # 2 (single-buffered) and 5 stages
@@ -115,15 +123,17 @@ def refinements(task: Task, best: TileConfig) -> list[TileConfig]:
     argument."""
     return [replace(best, waves=w) for w in WAVES if w != best.waves]
 
-# Timed batches per family: (q_len, kv_len, batch). Decode: serving batches at short, long and very long
-# contexts (a bucket has no batch dimension, so its config must suit the batches it will see: a config
-# timed on a batch of 12 picked 8 stages that ran 0.79 of the read ceiling at batch 128, where 6 stages
-# ran 0.93). Prefill: a cascade's shared level, which is one segment (the decode tokens of 64 or 256
+# Timed batches per family: (q_len, kv_len, batch or batches). Decode: serving batches at short, long and
+# very long contexts, three per bucket, a candidate's time the geometric mean over them. A bucket has no
+# batch dimension, so its config must suit every batch it will see: a config timed on a batch of 12 picked
+# 8 stages that ran 0.79 of the read ceiling at batch 128, where 6 stages ran 0.93; one timed on 151
+# requests of 1k tokens picked 8 stages (6 one-warp programs resident per SM), 22% slower than 6 stages at
+# 128 requests, whose 1024 programs then take 1.3 rounds. Prefill: a cascade's shared level, which is one segment (the decode tokens of 64 or 256
 # requests over one long shared prefix: a config timed on 3 segments over 8k keys ran that level 7%
 # slower than the heuristic), chunked prefill, and fresh prompts of 4k and 16k tokens. The long-context decode batch leaves
 # room for KV splits.
 LENGTHS = {
-    "decode": [(1, 1024, 151), (1, 8192, 61), (1, 65536, 9)],
+    "decode": [(1, 1024, (151, 128, 256)), (1, 8192, (61, 32, 128)), (1, 65536, (9, 1, 32))],
     "prefill": [(64, 8192, 3), (64, 32768, 1), (256, 32768, 1), (512, 4096, 6), (4096, 4096, 2),
                 (16384, 16384, 1)],
 }
@@ -153,13 +163,19 @@ def _full_classes() -> list[tuple]:
 def tasks(space: str, families) -> list[Task]:
     """The tasks of ``space`` ("default", "full" or "tiny") for the given families, in run order."""
     if space == "tiny":
-        # The --dry-run space: odd sizes the interpreter runs in a second or two.
-        out = [Task("decode", 32, 2, 5, "bf16", 1, 37, 3, 2), Task("prefill", 32, 2, 5, "bf16", 9, 20, 2, 2),
+        # The --dry-run space: odd sizes the interpreter runs in a second or two; decode on two batches.
+        out = [Task("decode", 32, 2, 5, "bf16", 1, 37, 3, 2, (2,)), Task("prefill", 32, 2, 5, "bf16", 9, 20, 2, 2),
                Task("prefill", 32, 2, 5, "bf16", 3, 40, 2, 2)]
         return [t for t in out if t.family in families]
     classes = {"default": DEFAULT_CLASSES, "full": _full_classes()}[space]
-    return [Task(f, d, g, p, dt, q, kv, b) for f, d, g, p, dt in classes if f in families
+    return [Task(f, d, g, p, dt, q, kv, *_batches(b)) for f, d, g, p, dt in classes if f in families
             for q, kv, b in LENGTHS[f]]
+
+
+def _batches(b) -> tuple:
+    """``(batch, num_kv_heads, more_batches)`` of a LENGTHS entry's batch (an int or a tuple of them)."""
+    first, *more = b if isinstance(b, tuple) else (b,)
+    return first, 8, tuple(more)
 
 
 def tiny_candidates(task: Task) -> list[TileConfig]:

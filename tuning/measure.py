@@ -88,10 +88,11 @@ class Batches:
         return out
 
 
-def timed_problem(task: Task, device) -> Problem | Batches:
-    """The batches a task is timed on: for each of ``task.batches``, that many segments of ``task.q_len``
-    queries over ``task.kv_len`` keys (one :class:`Problem`, or :class:`Batches` of several)."""
-    problems = [make_problem(task, [task.q_len] * b, [task.kv_len] * b, device, seed=1) for b in task.batches]
+def timed_problem(task: Task, device, batches: tuple | None = None) -> Problem | Batches:
+    """The batches a task is timed on: for each of ``task.batches`` (or ``batches``), that many segments of
+    ``task.q_len`` queries over ``task.kv_len`` keys (one :class:`Problem`, or :class:`Batches` of several)."""
+    problems = [make_problem(task, [task.q_len] * b, [task.kv_len] * b, device, seed=1)
+                for b in batches or task.batches]
     return problems[0] if len(problems) == 1 else Batches(problems)
 
 

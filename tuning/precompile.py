@@ -46,7 +46,9 @@ def _compile(pairs: list[tuple[Task, TileConfig]], device: str) -> dict[tuple[Ta
         try:
             if _problem[0] != task:
                 _problem = (None, None)  # free the last batch before building the next
-                _problem = (task, measure.timed_problem(task, torch.device(device)))
+                # the first batch only: many workers each holding every batch of a long-context decode
+                # bucket would not fit one GPU; variants only another batch needs compile when timed
+                _problem = (task, measure.timed_problem(task, torch.device(device), task.batches[:1]))
             _problem[1].run(config)
             if device == "cuda":
                 torch.cuda.synchronize()

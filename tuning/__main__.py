@@ -22,9 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--families", default="prefill,decode",
                    help="comma-separated kernel families to tune (default: prefill,decode)")
     p.add_argument("--space", choices=("default", "full"), default="default",
-                   help="default: the common serving buckets, an estimated 8 minutes on an H200 with 16 CPU cores (two runs "
-                        "with --resume at the default budget); full: every "
-                        "head dim 64/128/256 x group 1/4/8 x page 1/16/256 x bf16/fp16 (several runs with --resume)")
+                   help="default: the common serving buckets, an estimated 8 minutes on an H200 with 16 CPU "
+                        "cores (two runs with --resume at the default budget); full: every head dim 64/128/256 "
+                        "x group 1/4/8 x page 1/16/256 x bf16/fp16 (several runs with --resume)")
     p.add_argument("--out", default=None,
                    help="folder for the config files (default: the package's cascade_kernels/configs; with "
                         "--dry-run a new temporary folder); progress and log go to <out>/tuning_state/")

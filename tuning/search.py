@@ -143,8 +143,8 @@ def progress_bar(total: int, enabled: bool = True):
 
 
 def _name(c: TileConfig) -> str:
-    return (f"m{c.block_m}_n{c.block_n}_w{c.num_warps}_s{c.num_stages}" + ("_pf" if c.prefetch else "") + ("_la" if c.lookahead else "")
-            + (f"_x{c.waves}" if c.waves != 2 else ""))
+    return (f"m{c.block_m}_n{c.block_n}_w{c.num_warps}_s{c.num_stages}" + ("_pf" if c.prefetch else "")
+            + ("_la" if c.lookahead else "") + (f"_x{c.waves}" if c.waves != 2 else ""))
 
 
 def describe_error(e: Exception) -> str:

@@ -128,10 +128,10 @@ def refinements(task: Task, best: TileConfig) -> list[TileConfig]:
 # batch dimension, so its config must suit every batch it will see: a config timed on a batch of 12 picked
 # 8 stages that ran 0.79 of the read ceiling at batch 128, where 6 stages ran 0.93; one timed on 151
 # requests of 1k tokens picked 8 stages (6 one-warp programs resident per SM), 22% slower than 6 stages at
-# 128 requests, whose 1024 programs then take 1.3 rounds. Prefill: a cascade's shared level, which is one segment (the decode tokens of 64 or 256
-# requests over one long shared prefix: a config timed on 3 segments over 8k keys ran that level 7%
-# slower than the heuristic), chunked prefill, and fresh prompts of 4k and 16k tokens. The long-context decode batch leaves
-# room for KV splits.
+# 128 requests, whose 1024 programs then take 1.3 rounds. Prefill: a cascade's shared level, which is one
+# segment (the decode tokens of 64 or 256 requests over one long shared prefix: a config timed on 3
+# segments over 8k keys ran that level 7% slower than the heuristic), chunked prefill, and fresh prompts of
+# 4k and 16k tokens. The long-context decode batches leave room for KV splits.
 LENGTHS = {
     "decode": [(1, 1024, (151, 128, 256)), (1, 8192, (61, 32, 128)), (1, 65536, (9, 1, 32))],
     "prefill": [(64, 8192, 3), (64, 32768, 1), (256, 32768, 1), (512, 4096, 6), (4096, 4096, 2),

@@ -58,6 +58,11 @@ class TileConfig:
     tma: bool = True  # page-aligned tiles as block copies where the GPU and the cache allow (``_tma.py``)
     lookahead: bool = False  # page ids one tile ahead (not with prefetch, which reads a whole tile ahead)
 
+    def __post_init__(self):
+        if self.lookahead and self.prefetch:
+            raise ValueError("TileConfig: lookahead and prefetch exclude each other (prefetch reads a whole "
+                             "tile ahead)")
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -217,7 +222,7 @@ def launch_attention(
         CAUSAL=options.causal, HAS_WINDOW=options.window_left is not None,
         HAS_SOFTCAP=options.softcap is not None, HAS_SINKS=has_sinks,
         PAGE_ALIGNED=page_runs or geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles,
-        PREFETCH=config.prefetch, LOOKAHEAD=config.lookahead and not config.prefetch,
+        PREFETCH=config.prefetch, LOOKAHEAD=config.lookahead,
         TMA=tma, INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
     )
 

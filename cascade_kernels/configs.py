@@ -277,10 +277,11 @@ def _config_from_json(path, key, value) -> _attention.TileConfig:
     lookahead = value.get("lookahead", False)
     if not isinstance(lookahead, bool):
         raise ValueError(f"{where}.lookahead must be a bool, got {lookahead!r}")
-    if lookahead and prefetch:
-        raise ValueError(f"{where}: lookahead and prefetch exclude each other (prefetch reads a whole tile ahead)")
-    return _attention.TileConfig(value["block_m"], value["block_n"], value["num_warps"], value["num_stages"],
-                                 prefetch, waves, tma, lookahead)
+    try:
+        return _attention.TileConfig(value["block_m"], value["block_n"], value["num_warps"], value["num_stages"],
+                                     prefetch, waves, tma, lookahead)
+    except ValueError as e:  # fields that exclude each other
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _check_document(doc, path, family: str | None, device: str | None) -> ConfigFile:

@@ -600,3 +600,8 @@ def test_lookahead_candidates():
             else:
                 assert c.num_stages not in (3, 4), (task, c)
         assert any(c.lookahead for c in space.candidates(task)), task
+
+
+def test_lookahead_with_prefetch_is_rejected_where_the_config_is_made():
+    with pytest.raises(ValueError, match="lookahead and prefetch exclude each other"):
+        TileConfig(16, 32, 4, 2, prefetch=True, lookahead=True)

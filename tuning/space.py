@@ -72,8 +72,8 @@ def keep(task: Task, c: TileConfig) -> bool:
     """Whether a candidate is worth compiling for ``task``."""
     d = padded(task.head_dim)
     e = _elem(task.dtype)
-    if c.lookahead and (c.prefetch or c.num_stages < 3):
-        return False  # prefetch reads a whole tile ahead already; 2 stages overlap nothing either way
+    if c.lookahead and c.num_stages < 3:
+        return False  # 2 stages overlap nothing, with lookahead or without
     if c.num_stages in (3, 4) and not c.lookahead:
         return False  # page ids load in the tile's own iteration: below 5 stages nothing pipelines
     if c.lookahead and task.family == "decode" and c.num_stages > 4:
@@ -104,7 +104,7 @@ def candidates(task: Task) -> list[TileConfig]:
     if task.family == "decode":
         space = [TileConfig(min(64, padded(task.group)), bn, w, s, pf, lookahead=la)
                  for bn in (16, 32, 64, 128) for w in (1, 2, 4) for s in (2, 3, 4, 5, 6, 8) for pf in (False, True)
-                 for la in (False, True)]
+                 for la in (False, True) if not (pf and la)]  # prefetch reads a whole tile ahead already
     else:
         # page ids one tile ahead (lookahead) at 3-5 stages, and the loads of the tile's own iteration at
         # 2 (single-buffered) and 5 stages

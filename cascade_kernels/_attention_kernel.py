@@ -202,49 +202,9 @@ def _attend_range(
     return acc, l_i, m_i
 
 
-@triton.jit
-def _merge_slots(o_ptr, lse_ptr, token, head, row_ok, offs_d, mask_d, num_slots, sinks_ptr,
-                 s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, HAS_SINKS: tl.constexpr):
-    """Merge the fp32 states ``(o, lse)`` of slots ``0 .. num_slots - 1`` of this tile's rows, counting the
-    sink once; returns the normalised ``o [BLOCK_M, BLOCK_D]`` and natural-log ``lse [BLOCK_M]``.
-
-    A running maximum keeps every weight ``exp(lse_i - m) <= 1`` (as ``_merge_kernels.py``); rows whose every
-    state is empty end as ``o = 0, lse = -inf``. Loads bypass L1 (``.cg``): other programs of this launch
-    wrote the slots, and L1 is not coherent between SMs.
-    """
-    m = tl.full(token.shape, -float("inf"), tl.float32)
-    total = tl.zeros(token.shape, tl.float32)
-    acc = tl.zeros([token.shape[0], offs_d.shape[0]], tl.float32)
-    for slot in range(num_slots):
-        lse = tl.load(lse_ptr + token * s_lt + slot * s_lslot + head * s_lh, mask=row_ok, other=-float("inf"),
-                      cache_modifier=".cg")
-        o = tl.load(o_ptr + token[:, None] * s_ot + slot * s_oslot + head[:, None] * s_oh + offs_d[None, :] * s_od,
-                    mask=row_ok[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        scale = tl.exp2((m - m_safe) * LOG2E)
-        w = tl.exp2((lse - m_safe) * LOG2E)
-        total = total * scale + w
-        acc = acc * scale[:, None] + w[:, None] * o
-        m = m_new
-    if HAS_SINKS:  # one more state whose value vector is zero
-        sink = tl.load(sinks_ptr + head, mask=row_ok, other=-float("inf"))
-        m_new = tl.maximum(m, sink)
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        scale = tl.exp2((m - m_safe) * LOG2E)
-        total = total * scale + tl.exp2((sink - m_safe) * LOG2E)
-        acc = acc * scale[:, None]
-        m = m_new
-    m_safe = tl.where(m == -float("inf"), 0.0, m)
-    empty = total == 0.0
-    o = acc / tl.where(empty, 1.0, total)[:, None]
-    lse = tl.where(empty, -float("inf"), m_safe + tl.log2(tl.where(empty, 1.0, total)) * LN2)
-    return o, lse
-
-
 # Batch-dependent integers are not specialized (Triton would otherwise compile a new variant when, say,
 # the number of segments crosses a multiple of 16 in the middle of serving).
-@triton.jit(do_not_specialize=["num_segments", "num_splits", "num_pages", "window_left", "slot_offset", "num_slots"])
+@triton.jit(do_not_specialize=["num_segments", "num_splits", "num_pages", "window_left", "slot_offset"])
 def _paged_attention_kernel(
     q_ptr,            # [num_tokens, num_q_heads, head_dim]
     q_pos_ptr,        # [num_tokens] int32
@@ -258,31 +218,20 @@ def _paged_attention_kernel(
     sinks_ptr,        # [num_q_heads] fp32, read only when HAS_SINKS
     o_ptr,            # final: [num_tokens, num_q_heads, head_dim]; split: [num_tokens, slots, num_q_heads, head_dim] fp32
     lse_ptr,          # final: [num_tokens, num_q_heads] fp32; split: [num_tokens, slots, num_q_heads] fp32
-    out_ptr,          # MERGE: final [num_tokens, num_q_heads, head_dim]
-    out_lse_ptr,      # MERGE: final [num_tokens, num_q_heads] fp32
-    counter_ptr,      # MERGE: [tiles * num_kv_heads] int32, zero before the launch and after it
-    num_slots,        # MERGE: slots to merge (this launch's splits at slot_offset .. and every slot before)
     num_segments, num_kv_heads, num_splits, num_pages, page_size, qk_scale, softcap, window_left, slot_offset,
     s_qt, s_qh, s_qd,
     s_kp, s_ks, s_kh, s_kd,
     s_vp, s_vs, s_vh, s_vd,
     s_ot, s_oslot, s_oh, s_od,
     s_lt, s_lslot, s_lh,
-    s_fot, s_foh, s_fod, s_flt, s_flh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     PAGE_ALIGNED: tl.constexpr, REVERSE_TILES: tl.constexpr, PREFETCH: tl.constexpr, LOOKAHEAD: tl.constexpr,
-    TMA: tl.constexpr, MERGE: tl.constexpr, INTERPRET: tl.constexpr,
+    TMA: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Grid ``(work tiles * num_kv_heads * num_splits,)``. Writes normalised ``o`` and natural-log ``lse`` of
-    its rows for its split (slot ``slot_offset + split``).
-
-    With ``MERGE`` the launch also merges: the last of a tile's ``num_splits`` programs to finish (a ticket
-    from ``counter_ptr``) merges slots ``0 .. num_slots - 1`` of the tile's rows (this launch's splits and
-    the slots earlier launches wrote, e.g. a cascade's shared levels), applies the sinks and writes the
-    final ``out``/``out_lse``, then sets its counter back to zero for the next launch. Without it the
-    wrapper merges the slots in a second launch, or the launch has one slot and writes final outputs.
+    its rows for its split (slot ``slot_offset + split``); the wrapper merges splits when there are several.
     """
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads HEAD_DIM")
@@ -378,7 +327,7 @@ def _paged_attention_kernel(
         True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PAGE_ALIGNED, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_N, PREFETCH,
         LOOKAHEAD, TMA, INTERPRET)
 
-    if HAS_SINKS and not MERGE:
+    if HAS_SINKS:
         # One more logit per head, value vector zero: it only grows the denominator. Applied only
         # when this launch writes final states (a split launch leaves it to the merge).
         sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0) * LOG2E
@@ -396,21 +345,3 @@ def _paged_attention_kernel(
     tl.store(o_ptr + token[:, None] * s_ot + slot * s_oslot + head[:, None] * s_oh + offs_d[None, :] * s_od,
              o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & mask_d[None, :])
     tl.store(lse_ptr + token * s_lt + slot * s_lslot + head * s_lh, lse, mask=row_ok)
-
-    if MERGE:
-        # The tile's last program merges. Every thread's stores above are ordered before the ticket by the
-        # barrier, and the ticket's acquire-release atomic (GPU scope) publishes them to the program that
-        # draws the last ticket (the split-K semaphore pattern).
-        ticket = num_splits - 1
-        counter = counter_ptr + tile * num_kv_heads + kv_head
-        if num_splits > 1:
-            tl.debug_barrier()
-            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if ticket == num_splits - 1:
-            o, lse = _merge_slots(o_ptr, lse_ptr, token, head, row_ok, offs_d, mask_d, num_slots, sinks_ptr,
-                                  s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, HAS_SINKS)
-            tl.store(out_ptr + token[:, None] * s_fot + head[:, None] * s_foh + offs_d[None, :] * s_fod,
-                     o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & mask_d[None, :])
-            tl.store(out_lse_ptr + token * s_flt + head * s_flh, lse, mask=row_ok)
-            if num_splits > 1:
-                tl.store(counter, 0)  # every program of the tile has drawn its ticket

@@ -184,7 +184,7 @@ def choose_splits(num_programs: int, max_kv_len: int, block_n: int, device: torc
 
 def launch_attention(
     q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options, config,
-    num_splits, o, lse, slot_offset=0, apply_sinks=True, reverse_tiles=False, page_runs=False, merge=None,
+    num_splits, o, lse, slot_offset=0, apply_sinks=True, reverse_tiles=False, page_runs=False,
 ):
     """Launch the kernel once; no checks, no allocation.
 
@@ -193,10 +193,6 @@ def launch_attention(
 
     ``o``/``lse`` are either the final ``[N, Hq, D]``/``[N, Hq]`` outputs (one split) or the fp32
     split scratch ``[N, slots, Hq, D]``/``[N, slots, Hq]``, written at slots ``slot_offset + split``.
-    ``merge=(out, out_lse, counters, num_slots)``: the launch also merges slots ``0 .. num_slots - 1`` of
-    the scratch into the final ``out``/``out_lse`` (sinks included), the last program of each work tile
-    doing it; ``counters`` is int32, at least ``num_tiles * num_kv_heads`` long, zero before the launch
-    (and left zero after it; see ``split_counters``).
     """
     if o.dim() == 3:
         s_ot, s_oh, s_od = o.stride()
@@ -206,11 +202,7 @@ def launch_attention(
     else:
         s_ot, s_oslot, s_oh, s_od = o.stride()
         s_lt, s_lslot, s_lh = lse.stride()
-    if merge is None:
-        out, out_lse, counters, num_slots = o, lse, kv.indptr, 1  # placeholders, never touched
-    else:
-        out, out_lse, counters, num_slots = merge
-    has_sinks = (apply_sinks or merge is not None) and options.sinks is not None
+    has_sinks = apply_sinks and options.sinks is not None
     block_d = padded(geometry.head_dim)
     page_runs = page_runs and rows_contiguous(k_cache) and rows_contiguous(v_cache)
     tma = config.tma and tma_usable(k_cache, v_cache, config.block_n, block_d, config.prefetch, page_runs)
@@ -220,50 +212,24 @@ def launch_attention(
     _ATTENTION(
         grid, q, q_pos, qo_indptr, tile_indptr, k_cache, v_cache,
         kv.indptr, kv.indices, kv.lens, kv.start_pos,
-        options.sinks if has_sinks else lse, o, lse, out, out_lse, counters, num_slots,
+        options.sinks if has_sinks else lse, o, lse,
         kv.num_segments, geometry.num_kv_heads, num_splits, geometry.num_pages, geometry.page_size, options.sm_scale,
         options.softcap or 1.0, options.window_left or 0, slot_offset,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, *out.stride()[-3:], *out_lse.stride()[-2:],
+        s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
         GROUP=geometry.group, HEAD_DIM=geometry.head_dim, BLOCK_D=block_d,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=options.causal, HAS_WINDOW=options.window_left is not None,
         HAS_SOFTCAP=options.softcap is not None, HAS_SINKS=has_sinks,
         PAGE_ALIGNED=page_runs or geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles,
         PREFETCH=config.prefetch, LOOKAHEAD=config.lookahead,
-        TMA=tma, MERGE=merge is not None, INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
+        TMA=tma, INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
     )
-
-
-# Slots up to which a launch merges its own splits (the last program of a work tile merges them in a
-# loop); more slots go to the merge kernel, which spreads one row's slots over many programs.
-MERGE_IN_LAUNCH_MAX_SLOTS = 16
-
-_COUNTERS: dict = {}
-
-
-def split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """``n`` int32 zeros for a merging launch's tickets (``launch_attention(merge=...)``), which leaves them zero.
-
-    One buffer per CUDA device and stream, reused by every launch on it (launches on one stream run one
-    after another, so they never share a ticket); it grows by allocating anew, never by a launch. While a
-    stream is being captured into a CUDA graph the buffer is the graph's own (allocated and zeroed inside
-    the capture), as every other temporary of a captured call is. On the CPU (the interpreter) a fresh one.
-    """
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    key = (device.index if device.index is not None else torch.cuda.current_device(),
-           torch.cuda.current_stream(device).cuda_stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 2 * (buf.numel() if buf is not None else 0), 1024),
-                                           dtype=torch.int32, device=device)
-    return buf
 
 
 def _run(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options, config,
          num_splits, reverse_tiles):
-    """Allocate outputs (and split scratch), launch; with several splits the launch merges them itself."""
+    """Allocate outputs (and split scratch), launch, merge the splits."""
     num_tokens = q.shape[0]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((num_tokens, geometry.num_q_heads), dtype=torch.float32, device=q.device)
@@ -276,15 +242,9 @@ def _run(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geom
     o_part = torch.empty((num_tokens, num_splits, geometry.num_q_heads, geometry.head_dim),
                          dtype=torch.float32, device=q.device)
     lse_part = torch.empty((num_tokens, num_splits, geometry.num_q_heads), dtype=torch.float32, device=q.device)
-    if num_splits > MERGE_IN_LAUNCH_MAX_SLOTS:
-        launch_attention(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options,
-                         config, num_splits, o_part, lse_part, apply_sinks=False, reverse_tiles=reverse_tiles)
-        return _launch_merge_states(o_part, lse_part, (o, lse), options.sinks)
-    counters = split_counters(q.device, num_tiles * geometry.num_kv_heads)
     launch_attention(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options,
-                     config, num_splits, o_part, lse_part, apply_sinks=False, reverse_tiles=reverse_tiles,
-                     merge=(o, lse, counters, num_splits))
-    return o, lse
+                     config, num_splits, o_part, lse_part, apply_sinks=False, reverse_tiles=reverse_tiles)
+    return _launch_merge_states(o_part, lse_part, (o, lse), options.sinks)
 
 
 def paged_prefill(q, q_pos, qo_indptr, k_cache, v_cache, kv, *, causal=True, sm_scale=None, window_left=None,

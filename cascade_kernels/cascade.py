@@ -5,8 +5,7 @@ document, its own tokens). Each level runs the paged attention kernel once for t
 shared by many tokens is one prefill-style pass whose query tiles hold all those tokens (times their GQA
 group), so the shared KV is read once per batch rather than once per request. Every level (and every
 KV split of a level) writes its partial state ``(o, lse)`` into a slot of one fp32 scratch buffer, and
-the last level's launch merges the slots as it finishes (the last program of each of its work tiles
-merges every slot of the tile's rows), counting attention sinks once: no separate merge pass.
+one merge pass combines the slots, counting attention sinks once.
 
 ``plan_cascade`` does the host-side work once per batch: it validates the levels, reads their sizes,
 picks each level's kernel shape and split count, finds the levels whose KV tiles lie in consecutive pages
@@ -22,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import attention as _attention
 from . import configs as _configs
 from .attention import (
     Geometry,
@@ -110,14 +108,11 @@ class CascadePlan:
         self.o = torch.empty((num_tokens, g.num_q_heads, g.head_dim), dtype=dtype, device=device)
         self.lse = torch.empty((num_tokens, g.num_q_heads), dtype=torch.float32, device=device)
         if self.direct:
-            self.o_part = self.lse_part = self.counters = None
+            self.o_part = self.lse_part = None
         else:
             self.o_part = torch.empty((num_tokens, slot, g.num_q_heads, g.head_dim), dtype=torch.float32,
                                       device=device)
             self.lse_part = torch.empty((num_tokens, slot, g.num_q_heads), dtype=torch.float32, device=device)
-            # the merging launch's tickets: zero now, and each run leaves them zero
-            last = self.launches[-1]
-            self.counters = torch.zeros(max(last.num_tiles * g.num_kv_heads, 1), dtype=torch.int32, device=device)
 
     @property
     def direct(self) -> bool:
@@ -177,21 +172,11 @@ class CascadePlan:
             launch = self.launches[0]
             self._launch(launch, q, q_pos, k_cache, v_cache, o, lse, apply_sinks=True)
             return o, lse
-        if self.num_slots > _attention.MERGE_IN_LAUNCH_MAX_SLOTS:
-            for launch in self.launches:
-                self._launch(launch, q, q_pos, k_cache, v_cache, self.o_part, self.lse_part, apply_sinks=False)
-            return _launch_merge_states(self.o_part, self.lse_part, (o, lse), self.options.sinks)
-        *first, last = self.launches
-        for launch in first:
+        for launch in self.launches:
             self._launch(launch, q, q_pos, k_cache, v_cache, self.o_part, self.lse_part, apply_sinks=False)
-        # every token has a work tile in every level (an empty KV segment too), so the last level's
-        # launch reaches every row and merges all slots: those of the levels before it are complete,
-        # launched earlier on the same stream
-        self._launch(last, q, q_pos, k_cache, v_cache, self.o_part, self.lse_part, apply_sinks=False,
-                     merge=(o, lse, self.counters, self.num_slots))
-        return o, lse
+        return _launch_merge_states(self.o_part, self.lse_part, (o, lse), self.options.sinks)
 
-    def _launch(self, launch: LevelLaunch, q, q_pos, k_cache, v_cache, o, lse, apply_sinks, merge=None):
+    def _launch(self, launch: LevelLaunch, q, q_pos, k_cache, v_cache, o, lse, apply_sinks):
         if launch.num_tiles == 0:
             return
         launch_attention(
@@ -199,7 +184,6 @@ class CascadePlan:
             self.geometry, self.options, launch.config, launch.num_splits, o, lse,
             slot_offset=launch.slot_offset, apply_sinks=apply_sinks,
             reverse_tiles=self.options.causal and launch.kind == "prefill", page_runs=launch.page_runs,
-            merge=merge,
         )
 
     def __repr__(self) -> str:

@@ -3,8 +3,10 @@
 A shared level costs one more kernel pass and one more merge slot; it saves reading its KV once per
 request. For a short shared chunk the saving is smaller than the cost: measured on an H200 (batch 128,
 own suffix 1024, page 16, bf16, 32/8 heads, head_dim 128; benchmarks/RESULTS.md, 2026-11-28) the
-cascade was 0.94x the flat path at a 128-token shared prefix, 1.0x at 256 and 1.07x at 512. So a level
-whose segments hold at most ``FOLD_MAX_KV`` tokens is folded: each segment of the next level gets the
+cascade was 0.94x the flat path at a 128-token shared prefix, 1.0x at 256 and 1.07x at 512; with the
+decode configs tuned on several batches (2026-11-29) the flat path got faster and the cascade was 0.95x it
+at 512 (folded 3.7% faster than kept apart) and 1.10x at 1024. So a level whose segments hold at most
+``FOLD_MAX_KV`` tokens is folded: each segment of the next level gets the
 pages of the shared segment its queries belong to, prepended to its own, and the two levels become one.
 A level that no two segments of the next level share is always folded (cascading it saves nothing).
 
@@ -19,7 +21,7 @@ import torch
 
 from .types import CascadeLevel, PagedKV
 
-FOLD_MAX_KV = 256
+FOLD_MAX_KV = 512
 
 
 def _host(t: torch.Tensor) -> list[int]:

@@ -32,7 +32,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory one program may opt into on an H10
 
 _BASE = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False,
              HAS_SINKS=False, PAGE_ALIGNED=False, REVERSE_TILES=False, PREFETCH=False, LOOKAHEAD=False,
-             TMA=False, MERGE=False, INTERPRET=False)
+             TMA=False, INTERPRET=False)
 
 # name -> (dtype, constexprs over _BASE, num_warps, num_stages): the shipped H200 tiles and the paths
 # between them (row gathers, block copies, register prefetch, padded head dim with every option).
@@ -43,22 +43,18 @@ CASES = {
     "prefill-gather-5-stages": ("bf16", dict(BLOCK_M=128, BLOCK_N=64, REVERSE_TILES=True), 8, 5),
     "prefill-d256": ("bf16", dict(BLOCK_M=128, BLOCK_N=64, HEAD_DIM=256, BLOCK_D=256, REVERSE_TILES=True), 8, 2),
     "decode-blockcopy": ("bf16", dict(BLOCK_M=16, BLOCK_N=16, PAGE_ALIGNED=True, TMA=True), 1, 6),
-    "decode-blockcopy-merge": ("bf16", dict(BLOCK_M=16, BLOCK_N=16, PAGE_ALIGNED=True, TMA=True, MERGE=True), 1, 6),
-    "prefill-gather-lookahead-merge": ("bf16", dict(BLOCK_M=128, BLOCK_N=128, LOOKAHEAD=True, REVERSE_TILES=True,
-                                                    MERGE=True), 8, 3),
     "decode-prefetch": ("bf16", dict(BLOCK_M=16, BLOCK_N=64, PREFETCH=True), 4, 2),
     "options-fp16-d96": ("fp16", dict(BLOCK_M=64, BLOCK_N=32, HEAD_DIM=96, HAS_WINDOW=True, HAS_SOFTCAP=True,
-                                      HAS_SINKS=True, LOOKAHEAD=True, MERGE=True), 4, 3),
+                                      HAS_SINKS=True, LOOKAHEAD=True), 4, 3),
 }
 
-_INT_PTRS = ("counter_ptr", "q_pos_ptr", "qo_indptr_ptr", "tile_indptr_ptr", "kv_indptr_ptr", "kv_indices_ptr", "kv_lens_ptr",
+_INT_PTRS = ("q_pos_ptr", "qo_indptr_ptr", "tile_indptr_ptr", "kv_indptr_ptr", "kv_indices_ptr", "kv_lens_ptr",
              "kv_start_ptr")
 
 
 def compile_case(name: str) -> dict:
-    """Compile one case for sm_90; return its registers, spill bytes, shared memory, whether the KV
-    loop's row gathers are software-pipelined (some ``cp.async.wait_group`` leaves copies in flight), and
-    the GPU-scope acquire-release atomics (a merging launch's tickets)."""
+    """Compile one case for sm_90; return its registers, spill bytes, shared memory and whether the KV
+    loop's row gathers are software-pipelined (some ``cp.async.wait_group`` leaves copies in flight)."""
     dtype, constexprs, num_warps, num_stages = CASES[name]
     const = {**_BASE, **constexprs}
     fn = _paged_attention_kernel
@@ -71,18 +67,15 @@ def compile_case(name: str) -> dict:
         elif arg in _INT_PTRS:
             signature[arg] = "*i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif arg in ("sinks_ptr", "lse_ptr", "out_lse_ptr"):
+        elif arg in ("sinks_ptr", "lse_ptr"):
             signature[arg] = "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif arg == "o_ptr" and const["MERGE"]:
-            signature[arg] = "*fp32"  # the split scratch
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg.endswith("_ptr"):
             signature[arg] = f"*{dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in ("qk_scale", "softcap"):
             signature[arg] = "fp32"
-        elif arg in ("s_qd", "s_kd", "s_vd", "s_od", "s_lh", "s_fod", "s_flh"):
+        elif arg in ("s_qd", "s_kd", "s_vd", "s_od", "s_lh"):
             signature[arg] = "constexpr"  # unit strides, as Triton specializes them
             fixed[(i,)] = 1
         else:
@@ -96,9 +89,7 @@ def compile_case(name: str) -> dict:
     waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)]
     return dict(case=name, **_resources(kernel.asm["cubin"]), shared=kernel.metadata.shared, smem_limit=SMEM_LIMIT,
                 row_copies=len(re.findall(r"cp\.async\.c[ag]", ptx)), pipelined=any(w > 0 for w in waits),
-                block_copies=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-                tickets=len(re.findall(r"atom\.global\S*\.gpu\S*\.acq_rel|atom\.global\S*\.acq_rel\S*\.gpu", ptx)),
-                merge=const["MERGE"], triton=triton.__version__)
+                block_copies=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), triton=triton.__version__)
 
 
 def _resources(cubin: bytes) -> dict:

@@ -96,8 +96,6 @@ def test_plan_runs_again_with_new_inputs(p, seed):
     plan = plan_for(p)
     o1, lse1 = plan.run(p.q, p.q_pos, p.k_cache, p.v_cache)
     check_outputs(o1, lse1, reference_cascade(p), p.q, msg=f"first run {p!r}")
-    if plan.counters is not None:  # the merging launch's tickets: left zero for the next run
-        assert not bool(plan.counters.any()), "the merge left a ticket counter set"
     check_same((o1, lse1), run_cascade(p), p.dtype, msg=f"run vs cascade_attention {p!r}")
     first = (o1.clone(), lse1.clone())
 

@@ -8,9 +8,7 @@ subprocess without ``TRITON_INTERPRET``, and the test holds:
 * every case compiles, within the 227 KiB of shared memory a program may use;
 * the row gathers are software-pipelined (some copy still in flight at a wait) where page ids are read
   one tile ahead (3 stages) or with 5 stages: the property the prefill's speed rests on;
-* block-copy cases issue tensor copies;
-* a launch that merges its own splits draws its tickets with a GPU-scope acquire-release atomic (what
-  publishes the other programs' slots to the merging one), and no other launch has an atomic.
+* block-copy cases issue tensor copies.
 """
 
 from __future__ import annotations
@@ -24,9 +22,8 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-PIPELINED = ("prefill-gather-lookahead", "prefill-gather-5-stages", "options-fp16-d96",
-             "prefill-gather-lookahead-merge")
-BLOCK_COPIES = ("prefill-blockcopy-lookahead", "decode-blockcopy", "decode-blockcopy-merge")
+PIPELINED = ("prefill-gather-lookahead", "prefill-gather-5-stages", "options-fp16-d96")
+BLOCK_COPIES = ("prefill-blockcopy-lookahead", "decode-blockcopy")
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +56,3 @@ def test_row_gathers_are_pipelined(compiled):
 def test_block_copy_cases_issue_tensor_copies(compiled):
     for case in BLOCK_COPIES:
         assert compiled[case]["block_copies"] > 0, compiled[case]
-
-
-def test_merging_launches_draw_tickets_with_acquire_release(compiled):
-    assert any(r["merge"] for r in compiled.values())
-    for r in compiled.values():
-        assert (r["tickets"] == 1) if r["merge"] else (r["tickets"] == 0), r

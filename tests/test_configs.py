@@ -413,6 +413,22 @@ def test_search_tries_the_split_policy_of_the_fastest(tmp_path):
                                                           "failed": 4}
 
 
+def test_search_records_each_batch_of_a_bucket_timed_on_several(tmp_path):
+    """The files keep the winner's and the heuristic's time on every batch beside their geometric means."""
+    from tuning import measure, space
+
+    tasks = [space.Task("decode", 128, 4, 16, "bf16", 1, 65536, 9, 8, (1, 32))]
+    times = {A: measure.BatchTimes([0.5, 0.08, 1.6]), B: measure.BatchTimes([0.56, 0.05, 1.7])}
+    _fake_search(tmp_path, tasks, times, bad=set(), clock=FakeClock())
+    loaded = configs.load_configs(configs.config_path("decode", FAKE_GPU, tmp_path))
+    assert set(loaded.configs.values()) == {B}
+    timing = loaded.timings["d128_g4_p16_bf16_q1_kv64k"]
+    assert timing["batch_ms"] == [0.56, 0.05, 1.7] and timing["heuristic_batch_ms"] == [0.5, 0.08, 1.6]
+    assert timing["ms"] == pytest.approx((0.56 * 0.05 * 1.7) ** (1 / 3), rel=1e-4)
+    log = (tmp_path / "tuning_state" / f"log__{configs.device_slug(FAKE_GPU)}.txt").read_text()
+    assert "batch 9: 0.5600 / 0.5000 ms, batch 1: 0.0500 / 0.0800 ms, batch 32: 1.7000 / 1.6000 ms" in log
+
+
 def test_search_stops_on_its_budget_and_resumes(tmp_path):
     clock, calls = FakeClock(), []
     # 4 candidates per task at one fake second each: the deadline falls inside the second task
@@ -582,7 +598,8 @@ def test_a_bucket_timed_on_several_batches_takes_the_geometric_mean():
     p = measure.timed_problem(task, DEVICE)
     assert isinstance(p, measure.Batches) and [q.kv.num_segments for q in p.problems] == [3, 2, 5]
     times = iter([1.0, 4.0, 2.0])
-    assert measure._geomean(lambda problem, config: next(times), p, None) == pytest.approx(2.0)
+    mean = measure._geomean(lambda problem, config: next(times), p, None)
+    assert mean == pytest.approx(2.0) and mean.per_batch == (1.0, 4.0, 2.0)
     single = measure.timed_problem(space.Task("decode", 32, 2, 5, "bf16", 1, 37, 3, 2), DEVICE)
     assert isinstance(single, measure.Problem) and single.kv.num_segments == 3
     assert all(len(t.batches) == 3 for t in space.tasks("default", ("decode",)))

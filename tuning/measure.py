@@ -96,10 +96,23 @@ def timed_problem(task: Task, device, batches: tuple | None = None) -> Problem |
     return problems[0] if len(problems) == 1 else Batches(problems)
 
 
-def _geomean(timer, problem, config) -> float:
-    """``timer`` on each batch of ``problem``: the geometric mean of the milliseconds."""
-    times = [timer(p, config) for p in problem.problems]
-    return math.exp(sum(math.log(t) for t in times) / len(times))
+class BatchTimes(float):
+    """The geometric mean of a candidate's milliseconds over the batches of :class:`Batches` (what the search
+    ranks by), carrying the time on each batch in ``per_batch`` (what the files record, so that a bucket
+    whose winner suits one batch and not another can be seen)."""
+
+    per_batch: tuple
+
+    def __new__(cls, times):
+        times = tuple(float(t) for t in times)
+        self = super().__new__(cls, math.exp(sum(math.log(t) for t in times) / len(times)))
+        self.per_batch = times
+        return self
+
+
+def _geomean(timer, problem, config) -> BatchTimes:
+    """``timer`` on each batch of ``problem``: the geometric mean of the milliseconds, with each batch's."""
+    return BatchTimes(timer(p, config) for p in problem.problems)
 
 
 def check_problem(task: Task, device) -> Problem:

@@ -93,7 +93,8 @@ class Progress:
         return configs.write_configs(
             configs.config_path(family, self.meta["gpu"], out), meta,
             {k: TileConfig(**r["config"]) for k, r in found.items()},
-            {k: {n: r[n] for n in ("ms", "heuristic_ms", "candidates", "failed") if n in r} for k, r in found.items()})
+            {k: {n: r[n] for n in ("ms", "heuristic_ms", "batch_ms", "heuristic_batch_ms", "candidates", "failed")
+                 if n in r} for k, r in found.items()})
 
 
 class Log:
@@ -215,8 +216,9 @@ def run(tasks: list[Task], *, out: Path, device, candidates, make_problem, timer
                 summary.tuned += 1
                 gain = result["heuristic_ms"] / result["ms"] if result.get("heuristic_ms") else float("nan")
                 log(f"{task.family} {task.key}: {_name(TileConfig(**result['config']))} {result['ms']:.4f} ms, "
-                    f"heuristic {result.get('heuristic_ms') or float('nan'):.4f} ms ({gain:.2f}x); "
-                    f"{result['candidates']} candidates, {result['failed']} failed; {clock() - t0:.1f} s")
+                    f"heuristic {result.get('heuristic_ms') or float('nan'):.4f} ms ({gain:.2f}x)"
+                    + _per_batch(result, task) + f"; {result['candidates']} candidates, {result['failed']} failed; "
+                    f"{clock() - t0:.1f} s")
             else:
                 summary.no_config += 1
                 log(f"{task.family} {task.key}: NO CONFIG ({result['reason']}); {clock() - t0:.1f} s")
@@ -284,13 +286,27 @@ def _tune(task, device, candidates, refine, make_problem, timer, check, deadline
             if checked[verdict_key] is not None:
                 log(f"{task.family} {task.key}: {_name(c)} FAILED the correctness check: {checked[verdict_key]}")
         if checked[verdict_key] is None:
-            return {"config": asdict(c), "ms": round(times[c], 5),
-                    "heuristic_ms": round(times[base], 5) if base in times else None,
-                    "candidates": len(cands), "failed": len(errors), "errors": _errors(errors)}
+            result = {"config": asdict(c), "ms": round(times[c], 5),
+                      "heuristic_ms": round(times[base], 5) if base in times else None,
+                      "candidates": len(cands), "failed": len(errors), "errors": _errors(errors)}
+            for name, config in (("batch_ms", c), ("heuristic_batch_ms", base)):
+                per_batch = getattr(times.get(config), "per_batch", None)  # a bucket timed on several batches
+                if per_batch is not None:
+                    result[name] = [round(t, 5) for t in per_batch]
+            return result
     reason = "every candidate failed" if not times else "no candidate passed the correctness check"
     first = next(iter(errors.values()), "")
     return {"config": None, "reason": f"{reason}; first error: {first}" if first else reason,
             "candidates": len(cands), "failed": len(errors), "errors": _errors(errors)}
+
+
+def _per_batch(result: dict, task: Task) -> str:
+    """`` [batch 151: 0.1234 / 0.1301 ms, ...]``: winner / heuristic on each batch, when timed on several."""
+    ours, base = result.get("batch_ms"), result.get("heuristic_batch_ms")
+    if not ours:
+        return ""
+    base = base or [float("nan")] * len(ours)
+    return " [" + ", ".join(f"batch {b}: {t:.4f} / {h:.4f} ms" for b, t, h in zip(task.batches, ours, base)) + "]"
 
 
 def _errors(errors: dict) -> dict:

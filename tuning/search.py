@@ -272,14 +272,14 @@ def _tune(task, device, candidates, refine, make_problem, timer, check, deadline
                 return None
         # the confirmation: the heuristic and the fastest few again, in one pass, each keeping its lower time
         first = dict(times)
-        finalists = [c for c in [cands[0]] + sorted(first, key=first.get)[:FINALISTS] if c in first]
-        if not time_all(problem, list(dict.fromkeys(finalists))):
+        finalists = dict.fromkeys(c for c in [cands[0], *sorted(first, key=first.get)[:FINALISTS]] if c in first)
+        if not time_all(problem, list(finalists)):
             return None
-        for c, t in first.items():
+        for c in finalists:
             if c in errors:  # ran once, then failed: not to be trusted
-                times.pop(c, None)
+                del times[c]
             else:
-                times[c] = _lower(t, times[c])
+                times[c] = _lower(first[c], times[c])
     finally:
         del problem
         cleanup()

@@ -228,7 +228,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     PAGE_ALIGNED: tl.constexpr, REVERSE_TILES: tl.constexpr, PREFETCH: tl.constexpr, LOOKAHEAD: tl.constexpr,
-    TMA: tl.constexpr, INTERPRET: tl.constexpr,
+    TMA: tl.constexpr, TILES_PER_SEGMENT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Grid ``(work tiles * num_kv_heads * num_splits,)``. Writes normalised ``o`` and natural-log ``lse`` of
     its rows for its split (slot ``slot_offset + split``); the wrapper merges splits when there are several.
@@ -244,21 +244,30 @@ def _paged_attention_kernel(
     split = (pid // num_kv_heads) % num_splits
     tile = pid // (num_kv_heads * num_splits)
 
-    # Find the segment owning this work tile: binary search of tile_indptr (no host-side work list).
-    lo_s = 0
-    hi_s = num_segments
-    while lo_s < hi_s:
-        mid = (lo_s + hi_s) // 2
-        if tl.load(tile_indptr_ptr + mid + 1) <= tile:
-            lo_s = mid + 1
-        else:
-            hi_s = mid
-    seg = lo_s
-    if seg >= num_segments:
-        return  # the grid is an upper bound on the number of tiles
-    first_tile = tl.load(tile_indptr_ptr + seg)
-    num_tiles = tl.load(tile_indptr_ptr + seg + 1) - first_tile
-    local = tile - first_tile
+    if TILES_PER_SEGMENT > 0:
+        # every segment has this many work tiles (a decode batch: one token each): no search
+        seg = tile // TILES_PER_SEGMENT
+        if seg >= num_segments:
+            return
+        num_tiles = TILES_PER_SEGMENT
+        local = tile % TILES_PER_SEGMENT
+    else:
+        # Find the segment owning this work tile: binary search of tile_indptr (no host-side work list),
+        # log2(segments) loads one after another before anything else can start.
+        lo_s = 0
+        hi_s = num_segments
+        while lo_s < hi_s:
+            mid = (lo_s + hi_s) // 2
+            if tl.load(tile_indptr_ptr + mid + 1) <= tile:
+                lo_s = mid + 1
+            else:
+                hi_s = mid
+        seg = lo_s
+        if seg >= num_segments:
+            return  # the grid is an upper bound on the number of tiles
+        first_tile = tl.load(tile_indptr_ptr + seg)
+        num_tiles = tl.load(tile_indptr_ptr + seg + 1) - first_tile
+        local = tile - first_tile
     if REVERSE_TILES:
         local = num_tiles - 1 - local  # causal: the last rows see the most keys, start them first
 

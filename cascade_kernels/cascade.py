@@ -52,6 +52,7 @@ class LevelLaunch:
     slot_offset: int
     max_kv_len: int
     page_runs: bool = False  # every KV tile of every segment lies in consecutive pages
+    tiles_per_segment: int = 0  # every segment has this many work tiles (0: they differ)
 
 
 def tiles_in_page_runs(kv: PagedKV, page_size: int, block_n: int) -> bool:
@@ -137,11 +138,15 @@ class CascadePlan:
         num_splits = choose_splits(num_tiles * g.num_kv_heads, max_kv, config.block_n, self.device, config.waves,
                                    whole_rounds=kind == "prefill")
         page_runs = num_tiles > 0 and tiles_in_page_runs(level.kv, g.page_size, config.block_n)
+        # a decode level whose segments all hold one token: as many tiles each (a compile-time constant of the
+        # shape, so no new kernel variant per batch), found by division instead of a search
+        same = kind == "decode" and len(set(tiles)) == 1 and tiles[0] > 0
         return LevelLaunch(
             qo_indptr=level.qo_indptr,
             tile_indptr=torch.tensor(tile_indptr, dtype=torch.int32, device=self.device),
             num_tiles=num_tiles, kv=level.kv, kind=kind, config=config, num_splits=num_splits,
             slot_offset=slot_offset, max_kv_len=max_kv, page_runs=page_runs,
+            tiles_per_segment=tiles[0] if same else 0,
         )
 
     def run(self, q, q_pos, k_cache, v_cache, *, out=None):
@@ -184,6 +189,7 @@ class CascadePlan:
             self.geometry, self.options, launch.config, launch.num_splits, o, lse,
             slot_offset=launch.slot_offset, apply_sinks=apply_sinks,
             reverse_tiles=self.options.causal and launch.kind == "prefill", page_runs=launch.page_runs,
+            tiles_per_segment=launch.tiles_per_segment,
         )
 
     def __repr__(self) -> str:

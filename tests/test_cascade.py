@@ -220,6 +220,33 @@ def test_three_two_and_one_levels_agree(page_size, lengths):
         check_same(results[0], results[2], dtype, msg=f"three vs one level, {options}")
 
 
+@pytest.mark.parametrize("empty_segment", [False, True])
+def test_a_decode_level_of_one_token_per_segment_finds_tiles_by_division(empty_segment):
+    """A decode level whose segments all hold one token gives each the same number of work tiles, found by
+    division (``tiles_per_segment``); one segment without a token falls back to the search. Both are exact."""
+    num_q_heads, num_kv_heads, head_dim, page_size = 8, 2, 32, 4
+    gen = torch.Generator().manual_seed(11 + empty_segment)
+    lens = [9, 1, 14, 0, 6]
+    builder = _CacheBuilder(page_size, num_kv_heads, head_dim, torch.float32)
+    handles = [builder.add(*(torch.randn((n, num_kv_heads, head_dim), generator=gen) for _ in range(2))) for n in lens]
+    k_cache, v_cache, pages = builder.build(gen, "nhd", spare_pages=1)
+    kv = _paged_kv([pages[h] for h in handles], lens, [3] * len(lens))
+    counts = [1, 1, 0, 1, 1] if empty_segment else [1] * len(lens)
+    qo = [0]
+    for c in counts:
+        qo.append(qo[-1] + c)
+    q = torch.randn((qo[-1], num_q_heads, head_dim), generator=gen).to(DEVICE)
+    q_pos = i32([3 + n for n, c in zip(lens, counts) if c])
+    levels = [ck.CascadeLevel(i32(qo), kv)]
+    plan = ck.plan_cascade(levels, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                           page_size=page_size, dtype=torch.float32)
+    assert plan.launches[0].kind == "decode"
+    assert plan.launches[0].tiles_per_segment == (0 if empty_segment else 1)
+    o, lse = plan.run(q, q_pos, k_cache, v_cache)
+    check_outputs(o, lse, reference.cascade_attention(q, q_pos, k_cache, v_cache, levels), q,
+                  msg=f"empty_segment={empty_segment}")
+
+
 @pytest.mark.parametrize("num_tokens", [0, 3])
 def test_no_level_holds_a_visible_key(num_tokens):
     """Empty levels and keys all ahead of the queries: ``-inf`` and zeros; with sinks ``lse`` is the sink."""

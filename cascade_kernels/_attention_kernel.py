@@ -228,7 +228,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     PAGE_ALIGNED: tl.constexpr, REVERSE_TILES: tl.constexpr, PREFETCH: tl.constexpr, LOOKAHEAD: tl.constexpr,
-    TMA: tl.constexpr, TILES_PER_SEGMENT: tl.constexpr, INTERPRET: tl.constexpr,
+    TMA: tl.constexpr, DECODE_TILES: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Grid ``(work tiles * num_kv_heads * num_splits,)``. Writes normalised ``o`` and natural-log ``lse`` of
     its rows for its split (slot ``slot_offset + split``); the wrapper merges splits when there are several.
@@ -244,13 +244,16 @@ def _paged_attention_kernel(
     split = (pid // num_kv_heads) % num_splits
     tile = pid // (num_kv_heads * num_splits)
 
-    if TILES_PER_SEGMENT > 0:
-        # every segment has this many work tiles (a decode batch: one token each): no search
-        seg = tile // TILES_PER_SEGMENT
+    if DECODE_TILES > 0:
+        # every segment holds one query token, in DECODE_TILES work tiles (a decode batch): the segment,
+        # and its token, follow from the tile by division, with no load
+        seg = tile // DECODE_TILES
         if seg >= num_segments:
             return
-        num_tiles = TILES_PER_SEGMENT
-        local = tile % TILES_PER_SEGMENT
+        num_tiles = DECODE_TILES
+        local = tile % DECODE_TILES
+        q_start = seg
+        q_len = seg * 0 + 1
     else:
         # Find the segment owning this work tile: binary search of tile_indptr (no host-side work list),
         # log2(segments) loads one after another before anything else can start.
@@ -268,11 +271,11 @@ def _paged_attention_kernel(
         first_tile = tl.load(tile_indptr_ptr + seg)
         num_tiles = tl.load(tile_indptr_ptr + seg + 1) - first_tile
         local = tile - first_tile
+        q_start = tl.load(qo_indptr_ptr + seg)
+        q_len = tl.load(qo_indptr_ptr + seg + 1) - q_start
     if REVERSE_TILES:
         local = num_tiles - 1 - local  # causal: the last rows see the most keys, start them first
 
-    q_start = tl.load(qo_indptr_ptr + seg)
-    q_len = tl.load(qo_indptr_ptr + seg + 1) - q_start
     rows = local * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len * GROUP
     token = (q_start + rows // GROUP).to(tl.int64)

@@ -185,13 +185,14 @@ def choose_splits(num_programs: int, max_kv_len: int, block_n: int, device: torc
 def launch_attention(
     q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options, config,
     num_splits, o, lse, slot_offset=0, apply_sinks=True, reverse_tiles=False, page_runs=False,
-    tiles_per_segment=0,
+    decode_tiles=0,
 ):
     """Launch the kernel once; no checks, no allocation.
 
-    ``tiles_per_segment``: when every segment has exactly this many work tiles (a decode batch whose
-    segments all hold one token), a program finds its segment by division instead of a binary search of
-    ``tile_indptr`` (log2(segments) dependent loads at the start of every program); 0: search.
+    ``decode_tiles``: a promise that every segment holds exactly one query token (``qo_indptr`` is
+    ``arange``), in this many work tiles: a program then finds its segment and token by division, where
+    otherwise it searches ``tile_indptr`` (log2(segments) loads one after another) and reads ``qo_indptr``
+    before its first KV load can issue; 0: no promise.
     ``page_runs``: the caller found every KV tile in consecutive pages (``cascade.tiles_in_page_runs``);
     where the caches hold their pages one after another in rows, tiles are then read as contiguous rows.
 
@@ -227,12 +228,13 @@ def launch_attention(
         HAS_SOFTCAP=options.softcap is not None, HAS_SINKS=has_sinks,
         PAGE_ALIGNED=page_runs or geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles,
         PREFETCH=config.prefetch, LOOKAHEAD=config.lookahead,
-        TMA=tma, TILES_PER_SEGMENT=tiles_per_segment, INTERPRET=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages,
+        TMA=tma, DECODE_TILES=decode_tiles, INTERPRET=interpreting(),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
 def _run(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options, config,
-         num_splits, reverse_tiles, tiles_per_segment=0):
+         num_splits, reverse_tiles, decode_tiles=0):
     """Allocate outputs (and split scratch), launch, merge the splits."""
     num_tokens = q.shape[0]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -241,14 +243,14 @@ def _run(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geom
         return o, lse
     if num_splits == 1:
         launch_attention(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options,
-                         config, 1, o, lse, reverse_tiles=reverse_tiles, tiles_per_segment=tiles_per_segment)
+                         config, 1, o, lse, reverse_tiles=reverse_tiles, decode_tiles=decode_tiles)
         return o, lse
     o_part = torch.empty((num_tokens, num_splits, geometry.num_q_heads, geometry.head_dim),
                          dtype=torch.float32, device=q.device)
     lse_part = torch.empty((num_tokens, num_splits, geometry.num_q_heads), dtype=torch.float32, device=q.device)
     launch_attention(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options,
                      config, num_splits, o_part, lse_part, apply_sinks=False, reverse_tiles=reverse_tiles,
-                     tiles_per_segment=tiles_per_segment)
+                     decode_tiles=decode_tiles)
     return _launch_merge_states(o_part, lse_part, (o, lse), options.sinks)
 
 
@@ -355,7 +357,7 @@ def paged_decode(q, q_pos, k_cache, v_cache, kv, *, causal=True, sm_scale=None, 
         num_splits = choose_splits(num_segments * tiles_per_token * geometry.num_kv_heads, max_kv,
                                    config.block_n, q.device, config.waves)
     return _run(q, q_pos, qo_indptr, tile_indptr, num_segments * tiles_per_token, k_cache, v_cache, kv, geometry,
-                options, config, num_splits, reverse_tiles=False, tiles_per_segment=tiles_per_token)
+                options, config, num_splits, reverse_tiles=False, decode_tiles=tiles_per_token)
 
 
 @functools.lru_cache(maxsize=64)

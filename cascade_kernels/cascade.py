@@ -52,7 +52,7 @@ class LevelLaunch:
     slot_offset: int
     max_kv_len: int
     page_runs: bool = False  # every KV tile of every segment lies in consecutive pages
-    tiles_per_segment: int = 0  # every segment has this many work tiles (0: they differ)
+    decode_tiles: int = 0  # every segment holds one query token, in this many work tiles (0: not so)
 
 
 def tiles_in_page_runs(kv: PagedKV, page_size: int, block_n: int) -> bool:
@@ -146,7 +146,7 @@ class CascadePlan:
             tile_indptr=torch.tensor(tile_indptr, dtype=torch.int32, device=self.device),
             num_tiles=num_tiles, kv=level.kv, kind=kind, config=config, num_splits=num_splits,
             slot_offset=slot_offset, max_kv_len=max_kv, page_runs=page_runs,
-            tiles_per_segment=tiles[0] if same else 0,
+            decode_tiles=tiles[0] if same else 0,
         )
 
     def run(self, q, q_pos, k_cache, v_cache, *, out=None):
@@ -189,7 +189,7 @@ class CascadePlan:
             self.geometry, self.options, launch.config, launch.num_splits, o, lse,
             slot_offset=launch.slot_offset, apply_sinks=apply_sinks,
             reverse_tiles=self.options.causal and launch.kind == "prefill", page_runs=launch.page_runs,
-            tiles_per_segment=launch.tiles_per_segment,
+            decode_tiles=launch.decode_tiles,
         )
 
     def __repr__(self) -> str:

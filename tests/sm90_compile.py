@@ -32,7 +32,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory one program may opt into on an H10
 
 _BASE = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False,
              HAS_SINKS=False, PAGE_ALIGNED=False, REVERSE_TILES=False, PREFETCH=False, LOOKAHEAD=False,
-             TMA=False, TILES_PER_SEGMENT=0, INTERPRET=False)
+             TMA=False, DECODE_TILES=0, INTERPRET=False)
 
 # name -> (dtype, constexprs over _BASE, num_warps, num_stages): the shipped H200 tiles and the paths
 # between them (row gathers, block copies, register prefetch, padded head dim with every option).
@@ -42,8 +42,8 @@ CASES = {
                                                  PAGE_ALIGNED=True, TMA=True), 8, 3),
     "prefill-gather-5-stages": ("bf16", dict(BLOCK_M=128, BLOCK_N=64, REVERSE_TILES=True), 8, 5),
     "prefill-d256": ("bf16", dict(BLOCK_M=128, BLOCK_N=64, HEAD_DIM=256, BLOCK_D=256, REVERSE_TILES=True), 8, 2),
-    "decode-blockcopy": ("bf16", dict(BLOCK_M=16, BLOCK_N=16, PAGE_ALIGNED=True, TMA=True, TILES_PER_SEGMENT=1), 1, 6),
-    "decode-prefetch": ("bf16", dict(BLOCK_M=16, BLOCK_N=64, PREFETCH=True, TILES_PER_SEGMENT=1), 4, 2),
+    "decode-blockcopy": ("bf16", dict(BLOCK_M=16, BLOCK_N=16, PAGE_ALIGNED=True, TMA=True, DECODE_TILES=1), 1, 6),
+    "decode-prefetch": ("bf16", dict(BLOCK_M=16, BLOCK_N=64, PREFETCH=True, DECODE_TILES=1), 4, 2),
     "options-fp16-d96": ("fp16", dict(BLOCK_M=64, BLOCK_N=32, HEAD_DIM=96, HAS_WINDOW=True, HAS_SOFTCAP=True,
                                       HAS_SINKS=True, LOOKAHEAD=True), 4, 3),
 }

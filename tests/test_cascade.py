@@ -223,7 +223,7 @@ def test_three_two_and_one_levels_agree(page_size, lengths):
 @pytest.mark.parametrize("empty_segment", [False, True])
 def test_a_decode_level_of_one_token_per_segment_finds_tiles_by_division(empty_segment):
     """A decode level whose segments all hold one token gives each the same number of work tiles, found by
-    division (``tiles_per_segment``); one segment without a token falls back to the search. Both are exact."""
+    division (``decode_tiles``); one segment without a token falls back to the search. Both are exact."""
     num_q_heads, num_kv_heads, head_dim, page_size = 8, 2, 32, 4
     gen = torch.Generator().manual_seed(11 + empty_segment)
     lens = [9, 1, 14, 0, 6]
@@ -241,7 +241,7 @@ def test_a_decode_level_of_one_token_per_segment_finds_tiles_by_division(empty_s
     plan = ck.plan_cascade(levels, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                            page_size=page_size, dtype=torch.float32)
     assert plan.launches[0].kind == "decode"
-    assert plan.launches[0].tiles_per_segment == (0 if empty_segment else 1)
+    assert plan.launches[0].decode_tiles == (0 if empty_segment else 1)
     o, lse = plan.run(q, q_pos, k_cache, v_cache)
     check_outputs(o, lse, reference.cascade_attention(q, q_pos, k_cache, v_cache, levels), q,
                   msg=f"empty_segment={empty_segment}")

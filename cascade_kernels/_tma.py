@@ -42,7 +42,7 @@ def rows_contiguous(cache: torch.Tensor) -> bool:
     return cache.stride(0) == cache.shape[1] * cache.stride(1) or cache.shape[0] == 1
 
 
-def _cache_ok(cache: torch.Tensor) -> bool:
+def cache_ok(cache: torch.Tensor) -> bool:
     """The cache's rows of one KV head form a 2-D view ``[pages * page_size, head_dim]`` a descriptor can
     address: unit stride along head_dim, pages one after another in rows, 16-byte aligned strides."""
     _, s_slot, s_head, s_dim = cache.stride()
@@ -68,7 +68,7 @@ def tma_usable(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int, block
         return False
     if not (interpreting() or _device_has_tma(k_cache.device)):
         return False
-    return _cache_ok(k_cache) and _cache_ok(v_cache)
+    return cache_ok(k_cache) and cache_ok(v_cache)
 
 
 def _scratch(size: int, alignment: int, stream):

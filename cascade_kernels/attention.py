@@ -1,8 +1,10 @@
 """Paged prefill and paged decode: argument checks, launch decisions, and the launch itself.
 
-Both entry points run the one kernel in ``_attention_kernel.py``. They differ only in the tile shape
-(prefill packs many query tokens into a tile, decode one token times its GQA group) and in how the KV of
-a segment is split across programs (decode splits long segments so a small batch still fills the GPU).
+Both entry points run the kernel in ``_attention_kernel.py`` (on Hopper, prefill tiles over pages smaller
+than the KV tile take its Gluon counterpart, ``_attention_gluon.py``; ``_gluon.py`` says when). They differ
+only in the tile shape (prefill packs many query tokens into a tile, decode one token times its GQA group)
+and in how the KV of a segment is split across programs (decode splits long segments so a small batch
+still fills the GPU).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _gluon
 from . import configs as _configs
 from ._attention_kernel import _paged_attention_kernel
 from ._launch import Launcher
@@ -210,18 +213,32 @@ def launch_attention(
     has_sinks = apply_sinks and options.sinks is not None
     block_d = padded(geometry.head_dim)
     page_runs = page_runs and rows_contiguous(k_cache) and rows_contiguous(v_cache)
-    tma = config.tma and tma_usable(k_cache, v_cache, config.block_n, block_d, config.prefetch, page_runs)
-    if tma:
-        ensure_allocator()
     grid = (num_tiles * geometry.num_kv_heads * num_splits,)
-    _ATTENTION(
-        grid, q, q_pos, qo_indptr, tile_indptr, k_cache, v_cache,
+    args = (
+        q, q_pos, qo_indptr, tile_indptr, k_cache, v_cache,
         kv.indptr, kv.indices, kv.lens, kv.start_pos,
         options.sinks if has_sinks else lse, o, lse,
         kv.num_segments, geometry.num_kv_heads, num_splits, geometry.num_pages, geometry.page_size, options.sm_scale,
         options.softcap or 1.0, options.window_left or 0, slot_offset,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
+    )
+    page_rows = _gluon.page_rows(q, k_cache, v_cache, geometry.head_dim, config.block_m, options.window_left,
+                                 options.softcap, has_sinks, page_runs)
+    if page_rows:
+        ensure_allocator()
+        _gluon.launcher()(
+            grid, *args, GROUP=geometry.group, HEAD_DIM=geometry.head_dim, BLOCK_M=_gluon.BLOCK_M,
+            BLOCK_N=_gluon.BLOCK_N, PAGE_ROWS=page_rows, STAGES=_gluon.STAGES, CAUSAL=options.causal,
+            REVERSE_TILES=reverse_tiles, DECODE_TILES=decode_tiles, PRODUCER_REGS=_gluon.PRODUCER_REGS,
+            num_warps=_gluon.NUM_WARPS,
+        )
+        return
+    tma = config.tma and tma_usable(k_cache, v_cache, config.block_n, block_d, config.prefetch, page_runs)
+    if tma:
+        ensure_allocator()
+    _ATTENTION(
+        grid, *args,
         GROUP=geometry.group, HEAD_DIM=geometry.head_dim, BLOCK_D=block_d,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=options.causal, HAS_WINDOW=options.window_left is not None,

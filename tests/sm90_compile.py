@@ -52,12 +52,44 @@ _INT_PTRS = ("q_pos_ptr", "qo_indptr_ptr", "tile_indptr_ptr", "kv_indptr_ptr", "
              "kv_start_ptr")
 
 
+# name -> (dtype, constexprs): the Gluon kernel (``_attention_gluon.py``, 8 warps plus a loader warp) at the
+# page sizes it takes; compiled only where this triton has the Gluon parts it uses.
+GLUON_CASES = {
+    "gluon-prefill-p16": ("bf16", dict(HEAD_DIM=128, PAGE_ROWS=16)),
+    "gluon-prefill-p64-d64-fp16": ("fp16", dict(HEAD_DIM=64, PAGE_ROWS=64)),
+}
+_GLUON_BASE = dict(GROUP=4, BLOCK_M=128, BLOCK_N=128, STAGES=2, CAUSAL=True, REVERSE_TILES=True, DECODE_TILES=0,
+                   PRODUCER_REGS=24)
+
+
 def compile_case(name: str) -> dict:
     """Compile one case for sm_90; return its registers, spill bytes, shared memory and whether the KV
     loop's row gathers are software-pipelined (some ``cp.async.wait_group`` leaves copies in flight)."""
+    if name in GLUON_CASES:
+        return _compile_gluon(name)
     dtype, constexprs, num_warps, num_stages = CASES[name]
     const = {**_BASE, **constexprs}
-    fn = _paged_attention_kernel
+    src = ASTSource(fn=_paged_attention_kernel, **_signature(_paged_attention_kernel, dtype, const))
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    return _report(name, kernel)
+
+
+def _compile_gluon(name: str) -> dict:
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from cascade_kernels import _gluon
+
+    dtype, constexprs = GLUON_CASES[name]
+    fn = _gluon.launcher().fn
+    src = GluonASTSource(fn=fn, **_signature(fn, dtype, {**_GLUON_BASE, **constexprs}))
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=_gluon.NUM_WARPS))
+    return _report(name, kernel)
+
+
+def _signature(fn, dtype: str, const: dict) -> dict:
+    """``signature``, ``constexprs`` and ``attrs`` of a kernel over the attention arguments, as Triton would
+    specialize them for 16-byte aligned pointers and strides."""
     names = list(fn.arg_names)
     signature, fixed, attrs = {}, {}, {}
     for i, arg in enumerate(names):
@@ -82,14 +114,16 @@ def compile_case(name: str) -> dict:
             signature[arg] = "i32"
             if arg.startswith("s_"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=signature, constexprs=fixed, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    return dict(signature=signature, constexprs=fixed, attrs=attrs)
+
+
+def _report(name: str, kernel) -> dict:
     ptx = kernel.asm["ptx"]
     waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)]
     return dict(case=name, **_resources(kernel.asm["cubin"]), shared=kernel.metadata.shared, smem_limit=SMEM_LIMIT,
                 row_copies=len(re.findall(r"cp\.async\.c[ag]", ptx)), pipelined=any(w > 0 for w in waits),
-                block_copies=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), triton=triton.__version__)
+                block_copies=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+                warp_specialized=bool(re.search(r"setmaxnreg", ptx)), triton=triton.__version__)
 
 
 def _resources(cubin: bytes) -> dict:
@@ -105,6 +139,12 @@ def _resources(cubin: bytes) -> dict:
     return dict(registers=int(m.group(1)) if m else None, stack_bytes=int(m.group(2)) if m else None)
 
 
+def _gluon_available() -> bool:
+    from cascade_kernels import _gluon
+
+    return _gluon.launcher() is not None
+
+
 if __name__ == "__main__":
-    for case in sys.argv[1:] or list(CASES):
+    for case in sys.argv[1:] or list(CASES) + (list(GLUON_CASES) if _gluon_available() else []):
         print(json.dumps(compile_case(case)), flush=True)

@@ -8,7 +8,9 @@ subprocess without ``TRITON_INTERPRET``, and the test holds:
 * every case compiles, within the 227 KiB of shared memory a program may use;
 * the row gathers are software-pipelined (some copy still in flight at a wait) where page ids are read
   one tile ahead (3 stages) or with 5 stages: the property the prefill's speed rests on;
-* block-copy cases issue tensor copies.
+* block-copy cases issue tensor copies;
+* the Gluon kernel (where this triton has Gluon) compiles warp-specialized (a loader warp with fewer
+  registers: ``setmaxnreg``), issuing one tensor copy a page, without spilling beyond a few bytes.
 """
 
 from __future__ import annotations
@@ -56,3 +58,14 @@ def test_row_gathers_are_pipelined(compiled):
 def test_block_copy_cases_issue_tensor_copies(compiled):
     for case in BLOCK_COPIES:
         assert compiled[case]["block_copies"] > 0, compiled[case]
+
+
+def test_gluon_kernel_is_warp_specialized(compiled):
+    from cascade_kernels import _gluon
+
+    if _gluon.launcher() is None:
+        pytest.skip("this triton has no Gluon with the parts the kernel uses")
+    for case in ("gluon-prefill-p16", "gluon-prefill-p64-d64-fp16"):
+        r = compiled[case]
+        assert r["warp_specialized"] and r["block_copies"] > 0 and r["row_copies"] == 0, r
+        assert r["stack_bytes"] is None or r["stack_bytes"] <= 16, r

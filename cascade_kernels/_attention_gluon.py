@@ -1,0 +1,260 @@
+"""The paged attention kernel for Hopper written in Gluon: KV tiles gathered page by page with block copies.
+
+Same work as ``_attention_kernel._paged_attention_kernel`` (one program: one KV head, one tile of
+BLOCK_M (token, group head) rows of one segment, one split of its KV; masks by global position only), for
+the case the ``tl`` kernel cannot feed well: pages smaller than the KV tile. There a 128-key tile over
+pages of 16 is eight scattered runs of rows. The ``tl`` kernel loads it as a row gather (a pointer per row,
+copies issued by every warp that also runs the MMAs); here each page's rows are one block copy (TMA) into
+its slice of one shared-memory tile, issued by one thread, ``STAGES - 1`` tiles ahead of the MMAs, with an
+mbarrier per stage counting the bytes in. Q sits in shared memory; S = Q K^T and O += P V are warpgroup
+MMAs (P from registers).
+
+Supported (the launcher checks, and uses the ``tl`` kernel otherwise): compiled on sm_90 or newer with a
+Triton that has Gluon; fp16/bf16; head_dim 64 or 128; ``BLOCK_N % page_size == 0`` or
+``page_size % BLOCK_N == 0`` (or tiles in page runs); caches whose pages are row-contiguous with unit stride
+along head_dim; causal or not; no window, soft cap or sinks in the launch. There is no interpreter for
+Gluon: the CPU suite covers the ``tl`` kernel, the GPU suite both.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+# Names that moved between the triton versions this was checked with (3.6 first, then 3.9): the CTA-wide
+# barrier, and the block copy into shared memory.
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+LOG2E = gl.constexpr(1.4426950408889634)
+LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.constexpr_function
+def _io_layout(head_dim, num_warps):
+    """A blocked layout for ``[rows, head_dim]`` global loads and stores: 16 bytes a thread along head_dim."""
+    per_row = min(32, head_dim // 8)
+    return gl.BlockedLayout([1, 8], [32 // per_row, per_row], [num_warps, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def _mma_layout(n, num_warps):
+    """The accumulator layout of a ``[BLOCK_M, n]`` warpgroup MMA: warps stacked along M, 16 rows each."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _issue_tile(k_desc, v_desc, k_buf, v_buf, bar, page_table, start, last_entry, page_size,
+                PAGE_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, pred):
+    """Block copies of KV tokens ``start .. start + BLOCK_N - 1`` into one stage, ``PAGE_ROWS`` rows each.
+
+    Copy ``i`` reads the page holding token ``start + i * PAGE_ROWS`` (clamped to the segment's last page,
+    so a tile past the segment's end reads a real page, hidden by the mask); every copy signals ``bar``.
+    """
+    mbarrier.expect(bar, 2 * BLOCK_N * k_desc.block_type.shape[1] * k_desc.dtype.primitive_bitwidth // 8, pred)
+    for i in gl.static_range(BLOCK_N // PAGE_ROWS):
+        pos = start + i * PAGE_ROWS
+        entry = gl.minimum(pos // page_size, last_entry)
+        page = gl.load(page_table + entry, mask=pred, other=0)
+        row = page * page_size + pos % page_size
+        _tma_load(k_desc, [row, 0], bar, k_buf.slice(i * PAGE_ROWS, PAGE_ROWS), pred)
+        _tma_load(v_desc, [row, 0], bar, v_buf.slice(i * PAGE_ROWS, PAGE_ROWS), pred)
+
+
+@gluon.jit
+def _produce(k_desc, v_desc, k_smem, v_smem, ready, empty, page_table, a, n_tiles, last_entry, page_size,
+             PAGE_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The loader partition (one warp): tile ``j`` into stage ``j % STAGES`` once the consumer freed it."""
+    for j in range(n_tiles):
+        stage = j % STAGES
+        mbarrier.wait(empty.index(stage), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
+        _issue_tile(k_desc, v_desc, k_smem.index(stage), v_smem.index(stage), ready.index(stage), page_table,
+                    a + j * BLOCK_N, last_entry, page_size, PAGE_ROWS, BLOCK_N, True)
+
+
+@gluon.jit
+def _consume(acc, l_i, m_i, q_smem, k_smem, v_smem, ready, empty, q_pos, a, n_tiles, full_hi, kv_len, kv_start,
+             scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    """The MMA partition (the program's own warps): online softmax over the KV tiles as they land in
+    stage ``j % STAGES`` (``ready``), each stage handed back to the loader (``empty``) once its MMAs are done."""
+    BLOCK_M: gl.constexpr = acc.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.shape[1]
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N, gl.num_warps())
+    o_layout: gl.constexpr = acc.type.layout
+    io: gl.constexpr = _io_layout(acc.shape[1], gl.num_warps())
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    for j in range(n_tiles):
+        stage = j % STAGES
+        start = a + j * BLOCK_N
+        mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+        k_buf = k_smem.index(stage)
+        v_buf = v_smem.index(stage)
+        s = warpgroup_mma(q_smem, k_buf.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                          use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        s = s * scale
+        if start + BLOCK_N > full_hi:  # some key of this tile is hidden from some row
+            kv_pos = kv_start + start + offs_n
+            visible = ((start + offs_n) < kv_len)[None, :]
+            if CAUSAL:
+                visible = visible & (kv_pos[None, :] <= q_pos[:, None])
+            s = gl.where(visible, s, -float("inf"))
+        if start + BLOCK_N > kv_len:
+            # rows past the segment's end hold whatever the page holds (NaN included): zero them in V
+            # so that 0 * NaN stays out of P V
+            v_io = v_buf.load(io)
+            offs_r = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, io))
+            v_buf.store(gl.where((offs_r < kv_len)[:, None], v_io, gl.zeros_like(v_io)))
+            fence_async_shared()
+            _cta_barrier()
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        m_use = gl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        m_i = m_new
+        _cta_barrier()  # every warp's MMAs have read the stage
+        mbarrier.arrive(empty.index(stage), count=1)
+    return acc, l_i, m_i
+
+
+@gluon.jit(do_not_specialize=["num_segments", "num_splits", "num_pages", "window_left", "slot_offset"])
+def _paged_attention_gluon(
+    q_ptr, q_pos_ptr, qo_indptr_ptr, tile_indptr_ptr, k_ptr, v_ptr,
+    kv_indptr_ptr, kv_indices_ptr, kv_lens_ptr, kv_start_ptr, sinks_ptr, o_ptr, lse_ptr,
+    num_segments, num_kv_heads, num_splits, num_pages, page_size, qk_scale, softcap, window_left, slot_offset,
+    s_qt, s_qh, s_qd,
+    s_kp, s_ks, s_kh, s_kd,
+    s_vp, s_vs, s_vh, s_vd,
+    s_ot, s_oslot, s_oh, s_od,
+    s_lt, s_lslot, s_lh,
+    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    PAGE_ROWS: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, REVERSE_TILES: gl.constexpr,
+    DECODE_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):
+    """Grid, arguments and outputs as ``_paged_attention_kernel`` (``sinks_ptr``, ``softcap`` and
+    ``window_left`` unused: launches with those options take the ``tl`` kernel)."""
+    num_warps: gl.constexpr = gl.num_warps()
+    gl.static_assert(BLOCK_M == 16 * num_warps, "one 16-row MMA slab a warp")
+    gl.static_assert(BLOCK_N % PAGE_ROWS == 0, "whole copies a tile")
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    io: gl.constexpr = _io_layout(HEAD_DIM, num_warps)
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N, num_warps)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM, num_warps)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    kv_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    box_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([PAGE_ROWS, HEAD_DIM], dtype)
+
+    pid = gl.program_id(0)
+    kv_head = pid % num_kv_heads
+    split = (pid // num_kv_heads) % num_splits
+    tile = pid // (num_kv_heads * num_splits)
+    if DECODE_TILES > 0:
+        seg = tile // DECODE_TILES
+        num_tiles = DECODE_TILES
+        local = tile % DECODE_TILES
+        q_start = seg
+        q_len = seg * 0 + 1
+    else:
+        lo_s = 0
+        hi_s = num_segments
+        while lo_s < hi_s:
+            mid = (lo_s + hi_s) // 2
+            if gl.load(tile_indptr_ptr + mid + 1) <= tile:
+                lo_s = mid + 1
+            else:
+                hi_s = mid
+        seg = lo_s
+        first_tile = gl.load(tile_indptr_ptr + gl.minimum(seg, num_segments - 1))
+        num_tiles = gl.load(tile_indptr_ptr + gl.minimum(seg, num_segments - 1) + 1) - first_tile
+        local = tile - first_tile
+        q_start = gl.load(qo_indptr_ptr + gl.minimum(seg, num_segments - 1))
+        q_len = gl.load(qo_indptr_ptr + gl.minimum(seg, num_segments - 1) + 1) - q_start
+    if seg < num_segments:  # the grid is an upper bound on the number of tiles
+        if REVERSE_TILES:
+            local = num_tiles - 1 - local
+
+        # Q rows (token, head of the group) into shared memory, once
+        rows = local * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, io))
+        row_ok = rows < q_len * GROUP
+        token = (q_start + rows // GROUP).to(gl.int64)
+        head = (kv_head * GROUP + rows % GROUP).to(gl.int64)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io))
+        q = gl.load(q_ptr + token[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd,
+                    mask=row_ok[:, None], other=0.0)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout, q)
+        rows_m = local * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_s)
+        row_ok_m = rows_m < q_len * GROUP
+        q_pos = gl.load(q_pos_ptr + q_start + rows_m // GROUP, mask=row_ok_m, other=0)
+
+        # The KV range [lo, hi) some row sees, [0, full_hi) every row sees; this program's split of it.
+        kv_len = gl.load(kv_lens_ptr + seg)
+        kv_start = gl.load(kv_start_ptr + seg)
+        hi = kv_len
+        full_hi = kv_len
+        if CAUSAL:
+            q_max = gl.max(gl.where(row_ok_m, q_pos, -2147483647), 0)
+            q_min = gl.min(gl.where(row_ok_m, q_pos, 2147483647), 0)
+            hi = gl.minimum(kv_len, gl.maximum(q_max - kv_start + 1, 0))
+            full_hi = gl.minimum(hi, gl.maximum(q_min - kv_start + 1, 0))
+        per_split = gl.cdiv(gl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N
+        a = gl.minimum(split * per_split, hi)
+        b = gl.minimum(a + per_split, hi)
+        n_tiles = gl.cdiv(b - a, BLOCK_N)
+
+        page_table = kv_indices_ptr + gl.load(kv_indptr_ptr + seg)
+        last_entry = gl.maximum(gl.cdiv(kv_len, page_size) - 1, 0)
+        k_desc = tma.make_tensor_descriptor(k_ptr + kv_head.to(gl.int64) * s_kh, shape=[num_pages * page_size, HEAD_DIM],
+                                            strides=[s_ks, 1], block_shape=[PAGE_ROWS, HEAD_DIM], layout=box_layout)
+        v_desc = tma.make_tensor_descriptor(v_ptr + kv_head.to(gl.int64) * s_vh, shape=[num_pages * page_size, HEAD_DIM],
+                                            strides=[s_vs, 1], block_shape=[PAGE_ROWS, HEAD_DIM], layout=box_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+        m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, layout=rows_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+        scale = qk_scale * LOG2E
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(empty.index(i), count=1)
+        acc, l_i, m_i = gl.warp_specialize([
+            (_consume, (acc, l_i, m_i, q_smem, k_smem, v_smem, ready, empty, q_pos, a, n_tiles, full_hi, kv_len,
+                        kv_start, scale, CAUSAL, STAGES)),
+            (_produce, (k_desc, v_desc, k_smem, v_smem, ready, empty, page_table, a, n_tiles, last_entry,
+                        page_size, PAGE_ROWS, BLOCK_N, STAGES)),
+        ], [1], [PRODUCER_REGS])
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(i))
+            mbarrier.invalidate(empty.index(i))
+
+        # normalised o and natural-log lse (o = 0, lse = -inf where no key was visible)
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        lse = gl.where(l_i == 0.0, -float("inf"), (m_i + gl.log2(l_safe)) * LN2)
+        o = acc / gl.convert_layout(l_safe, rows_o)[:, None]
+        o = gl.convert_layout(o.to(o_ptr.dtype.element_ty), io)
+        slot = (slot_offset + split).to(gl.int64)
+        gl.store(o_ptr + token[:, None] * s_ot + slot * s_oslot + head[:, None] * s_oh + offs_d[None, :] * s_od,
+                 o, mask=row_ok[:, None])
+        token_m = (q_start + rows_m // GROUP).to(gl.int64)
+        head_m = (kv_head * GROUP + rows_m % GROUP).to(gl.int64)
+        gl.store(lse_ptr + token_m * s_lt + slot * s_lslot + head_m * s_lh, lse, mask=row_ok_m)

@@ -1,0 +1,71 @@
+"""When an attention launch takes the Gluon kernel (``_attention_gluon.py``), and its launcher.
+
+The Gluon kernel gathers KV tiles over pages smaller than the tile with one block copy a page, issued
+by a loader warp beside the MMA warps; measured on an H200 at pages of 16 it runs prefill 1.3-1.4x faster
+than the ``tl`` kernel's row gathers (RESULTS.md). It covers the common serving case only; every other
+launch (and every launch under the interpreter, which has no Gluon) takes the ``tl`` kernel:
+
+- a Hopper GPU (compute capability 9: warpgroup MMAs), a Triton whose Gluon has the parts it uses;
+- prefill tiles (``config.block_m == 128``), fp16/bf16, head_dim 64 or 128;
+- pages of 8 to 64 tokens (a 128-key tile is whole pages) in a cache whose pages are row-contiguous
+  (NHD) with 16-byte aligned rows; pages of 128 and more, and tiles in page runs, are one block copy a tile
+  already in the ``tl`` kernel, which measured as fast or faster there;
+- no sliding window, soft cap, or sinks applied in the launch (a split or cascade launch leaves sinks
+  to the merge, so those still qualify).
+
+``CASCADE_KERNELS_GLUON=0`` in the environment turns the path off (every launch takes the ``tl`` kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ._launch import Launcher
+from ._tma import cache_ok
+from ._triton import interpreting
+
+BLOCK_M = 128  # query rows a program: 8 warps of 16 rows
+BLOCK_N = 128  # keys a KV tile
+NUM_WARPS = 8
+STAGES = 2  # KV tiles in shared memory (2 x 64 KB at head_dim 128); 3 measured no faster
+PRODUCER_REGS = 24  # registers a thread of the loader warp keeps; the MMA warps take the rest
+HEAD_DIMS = (64, 128)
+MIN_PAGE = 8  # rows of one block copy: eight 16-byte rows at least
+
+
+@functools.lru_cache(maxsize=None)
+def launcher() -> Launcher | None:
+    """The launcher over the Gluon kernel, or None where this Triton cannot build it."""
+    try:
+        from ._attention_gluon import _paged_attention_gluon
+    except Exception:  # no Gluon, or one whose API this module does not know
+        return None
+    return Launcher(_paged_attention_gluon)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def enabled() -> bool:
+    return os.environ.get("CASCADE_KERNELS_GLUON", "1") != "0"
+
+
+def page_rows(q, k_cache, v_cache, head_dim, block_m, window_left, softcap, has_sinks, page_runs) -> int:
+    """Rows of one block copy when this launch takes the Gluon kernel (the page size), else 0."""
+    num_pages, page_size = k_cache.shape[:2]
+    if interpreting() or block_m != BLOCK_M or head_dim not in HEAD_DIMS:
+        return 0
+    if q.dtype not in (torch.float16, torch.bfloat16) or window_left is not None or softcap is not None or has_sinks:
+        return 0
+    if page_runs or page_size < MIN_PAGE or page_size >= BLOCK_N or BLOCK_N % page_size:
+        return 0
+    if num_pages * page_size >= 2**31 or not (cache_ok(k_cache) and cache_ok(v_cache)):
+        return 0
+    if not (enabled() and _is_hopper(q.device) and launcher() is not None):
+        return 0
+    return page_size

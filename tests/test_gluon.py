@@ -1,0 +1,157 @@
+"""The Gluon prefill kernel (``cascade_kernels/_attention_gluon.py``): pages smaller than the KV tile on Hopper.
+
+It runs compiled only (Gluon has no interpreter), so these tests run on a Hopper GPU and are skipped
+elsewhere; the CPU suite compiles it for sm_90 instead (``test_sm90_compile.py``). Held, on layouts drawn
+by hypothesis (fp16/bf16, head dims 64 and 128, pages of 8 to 64 slots in shuffled order with every unused
+slot NaN, ragged segments with empty ones, positions with gaps, queries before / inside / after their keys,
+causal or not, forced split counts, outputs poisoned before the launch):
+
+* ``paged_prefill`` equals the float64 reference with every launch taking the Gluon kernel;
+* the same problems through the ``tl`` kernel (``CASCADE_KERNELS_GLUON=0``) agree within rounding;
+* a cascade whose shared level runs on it equals the reference;
+
+and, directly, which launches qualify.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cascade_kernels as ck
+import reference
+from cascade_kernels import _gluon
+from cascade_kernels._triton import interpreting
+from cascade_kernels.attention import TileConfig
+from cascade_kernels.configs import pinned_config
+from conftest import DEVICE
+from strategies import paged_problem
+from test_prefill import check_outputs, check_same, dirty_device_memory, fewer
+
+HOPPER = DEVICE == "cuda" and not interpreting() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not (HOPPER and _gluon.launcher() is not None),
+                                  reason="the Gluon kernel runs compiled on a Hopper GPU only")
+PAGES = (8, 16, 32, 64)
+PREFILL_TILE = TileConfig(128, 128, 8, 2)  # the prefill tile the Gluon kernel takes
+
+
+def gluon_problems():
+    return paged_problem(dtypes=(torch.float16, torch.bfloat16), head_dims=(64, 128), layouts=("nhd",),
+                         page_size_choices=PAGES, max_q=300, max_kv=700)
+
+
+class _Counting:
+    """Wraps the Gluon launcher, counting launches."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def counting_launches():
+    """``_gluon.launcher()`` replaced by a counting wrapper for the block (not a pytest fixture: hypothesis
+    runs every example of a test inside one call)."""
+    counting = _Counting(_gluon.launcher())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_gluon, "launcher", lambda: counting)
+        yield counting
+
+
+def _options(p) -> dict:
+    """The drawn options the Gluon kernel takes in a one-split launch: causal and sm_scale."""
+    return {k: v for k, v in p.options.items() if k in ("causal", "sm_scale")}
+
+
+@needs_hopper
+@fewer(2)
+@given(gluon_problems(), st.sampled_from([None, 1, 3]))
+def test_gluon_prefill_matches_reference(p, num_splits):
+    options = _options(p)
+    expected = reference.paged_prefill(*p.args, **options)
+    dirty_device_memory()
+    with pinned_config("prefill", PREFILL_TILE), counting_launches() as counted:
+        before = counted.calls
+        out = ck.paged_prefill(*p.args, **options, num_splits=num_splits)
+        assert counted.calls == before + 1, "the launch did not take the Gluon kernel"
+    check_outputs(*out, expected, p.q, msg=f"num_splits={num_splits} {p!r}")
+
+
+@needs_hopper
+@fewer(4)
+@given(gluon_problems())
+def test_gluon_and_tl_kernels_agree(p):
+    options = _options(p)
+    with pinned_config("prefill", PREFILL_TILE), counting_launches() as counted:
+        gluon_out = ck.paged_prefill(*p.args, **options, num_splits=2)
+        calls = counted.calls
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CASCADE_KERNELS_GLUON", "0")
+            tl_out = ck.paged_prefill(*p.args, **options, num_splits=2)
+        assert counted.calls == calls, "CASCADE_KERNELS_GLUON=0 must keep launches off the Gluon kernel"
+    check_same(gluon_out, tl_out, p.dtype, msg=repr(p))
+
+
+@needs_hopper
+def test_cascade_shared_level_on_gluon():
+    """A system prompt of 1000 tokens shared by 12 requests (one decode token each, own KV 37..300
+    tokens), pages of 16: the shared level is a prefill tile launch over gathered pages."""
+    torch.manual_seed(0)
+    page, heads, kv_heads, dim, batch = 16, 8, 2, 128, 12
+    own = [37 + 23 * i for i in range(batch)]
+    num_pages = 1000 // page + 1 + sum(-(-n // page) for n in own) + 3
+    k_cache = torch.randn(num_pages, page, kv_heads, dim, dtype=torch.bfloat16, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_pages, device=DEVICE).to(torch.int32)
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    shared_pages = -(-1000 // page)
+    shared = ck.PagedKV(indptr=torch.tensor([0, shared_pages], **i32), indices=perm[:shared_pages].contiguous(),
+                        lens=torch.tensor([1000], **i32), start_pos=torch.tensor([0], **i32))
+    counts = [-(-n // page) for n in own]
+    bounds = torch.tensor([0] + counts, **i32).cumsum(0).to(torch.int32)
+    mine = ck.PagedKV(indptr=bounds, indices=perm[shared_pages:shared_pages + sum(counts)].contiguous(),
+                      lens=torch.tensor(own, **i32), start_pos=torch.full((batch,), 1000, **i32))
+    levels = [ck.CascadeLevel(torch.tensor([0, batch], **i32), shared),
+              ck.CascadeLevel(torch.arange(batch + 1, **i32), mine)]
+    q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device=DEVICE)
+    q_pos = torch.tensor([1000 + n - 1 for n in own], **i32)
+    with pinned_config("prefill", PREFILL_TILE), counting_launches() as counted:
+        plan = ck.plan_cascade(levels, num_q_heads=heads, num_kv_heads=kv_heads, head_dim=dim, page_size=page,
+                               dtype=torch.bfloat16, fold=False)
+        o, lse = plan.run(q, q_pos, k_cache, v_cache)
+    assert counted.calls >= 1, "the shared level did not take the Gluon kernel"
+    expected = reference.cascade_attention(q.cpu(), q_pos.cpu(), k_cache.cpu(), v_cache.cpu(),
+                                           [ck.CascadeLevel(lv.qo_indptr.cpu(), _cpu(lv.kv)) for lv in levels])
+    check_outputs(o, lse, expected, q)
+
+
+def _cpu(kv: ck.PagedKV) -> ck.PagedKV:
+    return ck.PagedKV(indptr=kv.indptr.cpu(), indices=kv.indices.cpu(), lens=kv.lens.cpu(),
+                      start_pos=kv.start_pos.cpu())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs tensors on a GPU")
+def test_which_launches_take_the_gluon_kernel():
+    def rows(page=16, dim=128, dtype=torch.bfloat16, block_m=128, window=None, softcap=None, sinks=False,
+             runs=False, layout="nhd"):
+        k = torch.empty(64, page, 2, dim, dtype=dtype, device=DEVICE)
+        if layout == "hnd":
+            k = torch.empty(64, 2, page, dim, dtype=dtype, device=DEVICE).transpose(1, 2)
+        q = torch.empty(4, 8, dim, dtype=dtype, device=DEVICE)
+        return _gluon.page_rows(q, k, k, dim, block_m, window, softcap, sinks, runs)
+
+    expected = 16 if HOPPER and _gluon.launcher() is not None else 0
+    assert rows() == expected
+    assert rows(page=8) == expected // 2
+    assert rows(page=64) == expected * 4
+    for kwargs in (dict(page=128), dict(page=256), dict(page=24), dict(page=4), dict(dim=96), dict(dim=256),
+                   dict(dtype=torch.float32), dict(block_m=64), dict(window=8), dict(softcap=30.0),
+                   dict(sinks=True), dict(runs=True), dict(layout="hnd")):
+        assert rows(**kwargs) == 0, kwargs

@@ -80,7 +80,8 @@ def test_gluon_prefill_matches_reference(p, num_splits):
     with pinned_config("prefill", PREFILL_TILE), counting_launches() as counted:
         before = counted.calls
         out = ck.paged_prefill(*p.args, **options, num_splits=num_splits)
-        assert counted.calls == before + 1, "the launch did not take the Gluon kernel"
+        # an empty batch launches nothing
+        assert counted.calls == before + (p.q.shape[0] > 0), "the launch did not take the Gluon kernel"
     check_outputs(*out, expected, p.q, msg=f"num_splits={num_splits} {p!r}")
 
 

@@ -5,9 +5,10 @@ BLOCK_M (token, group head) rows of one segment, one split of its KV; masks by g
 the case the ``tl`` kernel cannot feed well: pages smaller than the KV tile. There a 128-key tile over
 pages of 16 is eight scattered runs of rows. The ``tl`` kernel loads it as a row gather (a pointer per row,
 copies issued by every warp that also runs the MMAs); here each page's rows are one block copy (TMA) into
-its slice of one shared-memory tile, issued by one thread, ``STAGES - 1`` tiles ahead of the MMAs, with an
-mbarrier per stage counting the bytes in. Q sits in shared memory; S = Q K^T and O += P V are warpgroup
-MMAs (P from registers).
+its slice of one shared-memory tile, issued by a loader warp (warp specialization) into ``STAGES`` stages,
+with an mbarrier per stage counting the bytes in and one handing the stage back. Two MMA warpgroups take 64
+rows of the 128-row tile each, on their own (FA3's structure: one's softmax runs under the other's MMAs):
+Q in shared memory, S = Q K^T and O += P V as warpgroup MMAs with P from registers.
 
 Supported (the launcher checks, and uses the ``tl`` kernel otherwise): compiled on sm_90 or newer with a
 Triton that has Gluon; fp16/bf16; head_dim 64 or 128; ``BLOCK_N % page_size == 0`` or
@@ -80,17 +81,47 @@ def _produce(k_desc, v_desc, k_smem, v_smem, ready, empty, page_table, a, n_tile
 
 
 @gluon.jit
-def _consume(acc, l_i, m_i, q_smem, k_smem, v_smem, ready, empty, q_pos, a, n_tiles, full_hi, kv_len, kv_start,
-             scale, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
-    """The MMA partition (the program's own warps): online softmax over the KV tiles as they land in
-    stage ``j % STAGES`` (``ready``), each stage handed back to the loader (``empty``) once its MMAs are done."""
-    BLOCK_M: gl.constexpr = acc.shape[0]
+def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem, ready, empty,
+                  q_start, q_len, kv_head, row0, a, n_tiles, full_hi, kv_len, kv_start, scale, slot,
+                  s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
+                  GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    """One MMA warpgroup's rows ``row0 .. row0 + 16 * num_warps - 1`` of the program's tile, start to end:
+    its Q rows into ``q_smem``, the online softmax over the KV tiles as they land in stage ``j % STAGES``
+    (``ready``), each stage handed back to the loader (``empty``, one arrival per warpgroup) once this
+    warpgroup's MMAs have read it, then its normalised ``o`` and natural-log ``lse``.
+
+    The two warpgroups of a program run this on their own, synchronised only through the stages, so one's
+    softmax can run while the other's MMAs do.
+    """
+    ROWS: gl.constexpr = q_smem.shape[0]
+    HEAD_DIM: gl.constexpr = q_smem.shape[1]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
     dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = _mma_layout(BLOCK_N, gl.num_warps())
-    o_layout: gl.constexpr = acc.type.layout
-    io: gl.constexpr = _io_layout(acc.shape[1], gl.num_warps())
+    nw: gl.constexpr = gl.num_warps()
+    io: gl.constexpr = _io_layout(HEAD_DIM, nw)
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N, nw)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM, nw)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io))
+    row_ok = rows < q_len * GROUP
+    token = (q_start + rows // GROUP).to(gl.int64)
+    head = (kv_head * GROUP + rows % GROUP).to(gl.int64)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io))
+    q = gl.load(q_ptr + token[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd,
+                mask=row_ok[:, None], other=0.0)
+    q_smem.store(q)
+    fence_async_shared()
+    _cta_barrier()
+    rows_m = row0 + gl.arange(0, ROWS, layout=rows_s)
+    row_ok_m = rows_m < q_len * GROUP
+    q_pos = gl.load(q_pos_ptr + q_start + rows_m // GROUP, mask=row_ok_m, other=0)
+
+    m_i = gl.full([ROWS], -float("inf"), gl.float32, layout=rows_s)
+    l_i = gl.zeros([ROWS], gl.float32, layout=rows_s)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     for j in range(n_tiles):
         stage = j % STAGES
@@ -98,7 +129,7 @@ def _consume(acc, l_i, m_i, q_smem, k_smem, v_smem, ready, empty, q_pos, a, n_ti
         mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
         k_buf = k_smem.index(stage)
         v_buf = v_smem.index(stage)
-        s = warpgroup_mma(q_smem, k_buf.permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+        s = warpgroup_mma(q_smem, k_buf.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                           use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         s = s * scale
@@ -109,8 +140,8 @@ def _consume(acc, l_i, m_i, q_smem, k_smem, v_smem, ready, empty, q_pos, a, n_ti
                 visible = visible & (kv_pos[None, :] <= q_pos[:, None])
             s = gl.where(visible, s, -float("inf"))
         if start + BLOCK_N > kv_len:
-            # rows past the segment's end hold whatever the page holds (NaN included): zero them in V
-            # so that 0 * NaN stays out of P V
+            # rows past the segment's end hold whatever the page holds (NaN included): zero them in V so
+            # that 0 * NaN stays out of P V (both warpgroups write the same values; each then reads them)
             v_io = v_buf.load(io)
             offs_r = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, io))
             v_buf.store(gl.where((offs_r < kv_len)[:, None], v_io, gl.zeros_like(v_io)))
@@ -121,14 +152,24 @@ def _consume(acc, l_i, m_i, q_smem, k_smem, v_smem, ready, empty, q_pos, a, n_ti
         alpha = gl.exp2(m_i - m_use)
         p = gl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + gl.sum(p, 1)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         m_i = m_new
-        _cta_barrier()  # every warp's MMAs have read the stage
+        _cta_barrier()  # every warp of this warpgroup has read the stage
         mbarrier.arrive(empty.index(stage), count=1)
-    return acc, l_i, m_i
+
+    # normalised o and natural-log lse (o = 0, lse = -inf where no key was visible)
+    l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+    lse = gl.where(l_i == 0.0, -float("inf"), (m_i + gl.log2(l_safe)) * LN2)
+    o = acc / gl.convert_layout(l_safe, rows_o)[:, None]
+    o = gl.convert_layout(o.to(o_ptr.dtype.element_ty), io)
+    gl.store(o_ptr + token[:, None] * s_ot + slot * s_oslot + head[:, None] * s_oh + offs_d[None, :] * s_od,
+             o, mask=row_ok[:, None])
+    token_m = (q_start + rows_m // GROUP).to(gl.int64)
+    head_m = (kv_head * GROUP + rows_m % GROUP).to(gl.int64)
+    gl.store(lse_ptr + token_m * s_lt + slot * s_lslot + head_m * s_lh, lse, mask=row_ok_m)
 
 
 @gluon.jit(do_not_specialize=["num_segments", "num_splits", "num_pages", "window_left", "slot_offset"])
@@ -143,22 +184,18 @@ def _paged_attention_gluon(
     s_lt, s_lslot, s_lh,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     PAGE_ROWS: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, REVERSE_TILES: gl.constexpr,
-    DECODE_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    DECODE_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """Grid, arguments and outputs as ``_paged_attention_kernel`` (``sinks_ptr``, ``softcap`` and
-    ``window_left`` unused: launches with those options take the ``tl`` kernel)."""
+    ``window_left`` unused: launches with those options take the ``tl`` kernel). Launched with
+    ``num_warps`` = one warpgroup (4): the program's own warps run the first half of the tile's rows, a
+    worker warpgroup the second half, a worker warp the copies."""
     num_warps: gl.constexpr = gl.num_warps()
-    gl.static_assert(BLOCK_M == 16 * num_warps, "one 16-row MMA slab a warp")
-    gl.static_assert(BLOCK_N % PAGE_ROWS == 0, "whole copies a tile")
+    ROWS: gl.constexpr = 16 * num_warps
+    gl.static_assert(BLOCK_M == 2 * ROWS, "two warpgroups of 16-row slabs")
     dtype: gl.constexpr = q_ptr.dtype.element_ty
-    io: gl.constexpr = _io_layout(HEAD_DIM, num_warps)
-    s_layout: gl.constexpr = _mma_layout(BLOCK_N, num_warps)
-    o_layout: gl.constexpr = _mma_layout(HEAD_DIM, num_warps)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-    rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+    rows_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     box_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([PAGE_ROWS, HEAD_DIM], dtype)
 
@@ -190,21 +227,10 @@ def _paged_attention_gluon(
     if seg < num_segments:  # the grid is an upper bound on the number of tiles
         if REVERSE_TILES:
             local = num_tiles - 1 - local
-
-        # Q rows (token, head of the group) into shared memory, once
-        rows = local * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, io))
-        row_ok = rows < q_len * GROUP
-        token = (q_start + rows // GROUP).to(gl.int64)
-        head = (kv_head * GROUP + rows % GROUP).to(gl.int64)
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io))
-        q = gl.load(q_ptr + token[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd,
-                    mask=row_ok[:, None], other=0.0)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_smem_layout, q)
-        rows_m = local * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_s)
+        # The KV range [0, hi) some row sees, [0, full_hi) every row sees; this program's split of it.
+        rows_m = local * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_l)
         row_ok_m = rows_m < q_len * GROUP
         q_pos = gl.load(q_pos_ptr + q_start + rows_m // GROUP, mask=row_ok_m, other=0)
-
-        # The KV range [lo, hi) some row sees, [0, full_hi) every row sees; this program's split of it.
         kv_len = gl.load(kv_lens_ptr + seg)
         kv_start = gl.load(kv_start_ptr + seg)
         hi = kv_len
@@ -225,36 +251,29 @@ def _paged_attention_gluon(
                                             strides=[s_ks, 1], block_shape=[PAGE_ROWS, HEAD_DIM], layout=box_layout)
         v_desc = tma.make_tensor_descriptor(v_ptr + kv_head.to(gl.int64) * s_vh, shape=[num_pages * page_size, HEAD_DIM],
                                             strides=[s_vs, 1], block_shape=[PAGE_ROWS, HEAD_DIM], layout=box_layout)
+        q0_smem = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_smem_layout)
+        q1_smem = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_smem_layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-        m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, layout=rows_s)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-        scale = qk_scale * LOG2E
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
-            mbarrier.init(empty.index(i), count=1)
-        acc, l_i, m_i = gl.warp_specialize([
-            (_consume, (acc, l_i, m_i, q_smem, k_smem, v_smem, ready, empty, q_pos, a, n_tiles, full_hi, kv_len,
-                        kv_start, scale, CAUSAL, STAGES)),
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        scale = qk_scale * LOG2E
+        slot = (slot_offset + split).to(gl.int64)
+        gl.warp_specialize([
+            (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q0_smem, k_smem, v_smem, ready, empty,
+                             q_start, q_len, kv_head, local * BLOCK_M, a, n_tiles, full_hi, kv_len, kv_start, scale,
+                             slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
+                             GROUP, CAUSAL, STAGES)),
+            (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q1_smem, k_smem, v_smem, ready, empty,
+                             q_start, q_len, kv_head, local * BLOCK_M + ROWS, a, n_tiles, full_hi, kv_len, kv_start,
+                             scale, slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
+                             GROUP, CAUSAL, STAGES)),
             (_produce, (k_desc, v_desc, k_smem, v_smem, ready, empty, page_table, a, n_tiles, last_entry,
                         page_size, PAGE_ROWS, BLOCK_N, STAGES)),
-        ], [1], [PRODUCER_REGS])
+        ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
-
-        # normalised o and natural-log lse (o = 0, lse = -inf where no key was visible)
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        lse = gl.where(l_i == 0.0, -float("inf"), (m_i + gl.log2(l_safe)) * LN2)
-        o = acc / gl.convert_layout(l_safe, rows_o)[:, None]
-        o = gl.convert_layout(o.to(o_ptr.dtype.element_ty), io)
-        slot = (slot_offset + split).to(gl.int64)
-        gl.store(o_ptr + token[:, None] * s_ot + slot * s_oslot + head[:, None] * s_oh + offs_d[None, :] * s_od,
-                 o, mask=row_ok[:, None])
-        token_m = (q_start + rows_m // GROUP).to(gl.int64)
-        head_m = (kv_head * GROUP + rows_m % GROUP).to(gl.int64)
-        gl.store(lse_ptr + token_m * s_lt + slot * s_lslot + head_m * s_lh, lse, mask=row_ok_m)

@@ -1,7 +1,7 @@
 """When an attention launch takes the Gluon kernel (``_attention_gluon.py``), and its launcher.
 
 The Gluon kernel gathers KV tiles over pages smaller than the tile with one block copy a page, issued
-by a loader warp beside the MMA warps; measured on an H200 at pages of 16 it runs prefill 1.3-1.4x faster
+by a loader warp beside two MMA warpgroups; measured on an H200 at pages of 16 it runs prefill 1.3-1.4x faster
 than the ``tl`` kernel's row gathers (RESULTS.md). It covers the common serving case only; every other
 launch (and every launch under the interpreter, which has no Gluon) takes the ``tl`` kernel:
 
@@ -27,11 +27,12 @@ from ._launch import Launcher
 from ._tma import cache_ok
 from ._triton import interpreting
 
-BLOCK_M = 128  # query rows a program: 8 warps of 16 rows
+BLOCK_M = 128  # query rows a program: two warpgroups of 4 warps x 16 rows
 BLOCK_N = 128  # keys a KV tile
-NUM_WARPS = 8
+NUM_WARPS = 4  # the program's own warps: the first MMA warpgroup (the second and the loader are workers)
 STAGES = 2  # KV tiles in shared memory (2 x 64 KB at head_dim 128); 3 measured no faster
-PRODUCER_REGS = 24  # registers a thread of the loader warp keeps; the MMA warps take the rest
+CONSUMER_REGS = 240  # registers a thread of the second MMA warpgroup
+PRODUCER_REGS = 24  # registers a thread of the loader warp
 HEAD_DIMS = (64, 128)
 MIN_PAGE = 8  # rows of one block copy: eight 16-byte rows at least
 

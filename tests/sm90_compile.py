@@ -52,14 +52,14 @@ _INT_PTRS = ("q_pos_ptr", "qo_indptr_ptr", "tile_indptr_ptr", "kv_indptr_ptr", "
              "kv_start_ptr")
 
 
-# name -> (dtype, constexprs): the Gluon kernel (``_attention_gluon.py``, 8 warps plus a loader warp) at the
+# name -> (dtype, constexprs): the Gluon kernel (``_attention_gluon.py``, two warpgroups and a loader warp) at the
 # page sizes it takes; compiled only where this triton has the Gluon parts it uses.
 GLUON_CASES = {
     "gluon-prefill-p16": ("bf16", dict(HEAD_DIM=128, PAGE_ROWS=16)),
     "gluon-prefill-p64-d64-fp16": ("fp16", dict(HEAD_DIM=64, PAGE_ROWS=64)),
 }
 _GLUON_BASE = dict(GROUP=4, BLOCK_M=128, BLOCK_N=128, STAGES=2, CAUSAL=True, REVERSE_TILES=True, DECODE_TILES=0,
-                   PRODUCER_REGS=24)
+                   PRODUCER_REGS=24, CONSUMER_REGS=240)
 
 
 def compile_case(name: str) -> dict:

@@ -10,11 +10,12 @@ with an mbarrier per stage counting the bytes in and one handing the stage back.
 rows of the 128-row tile each, on their own (FA3's structure: one's softmax runs under the other's MMAs):
 Q in shared memory, S = Q K^T and O += P V as warpgroup MMAs with P from registers.
 
-Supported (the launcher checks, and uses the ``tl`` kernel otherwise): compiled on sm_90 or newer with a
-Triton that has Gluon; fp16/bf16; head_dim 64 or 128; ``BLOCK_N % page_size == 0`` or
-``page_size % BLOCK_N == 0`` (or tiles in page runs); caches whose pages are row-contiguous with unit stride
-along head_dim; causal or not; no window, soft cap or sinks in the launch. There is no interpreter for
-Gluon: the CPU suite covers the ``tl`` kernel, the GPU suite both.
+What it handles: Hopper (warpgroup MMAs), fp16/bf16, head_dim 64 or 128, copies of ``PAGE_ROWS`` rows
+that lie in one page (``PAGE_ROWS`` divides ``BLOCK_N`` and ``page_size``), caches whose pages are
+row-contiguous with unit stride along head_dim, causal or not; no window, soft cap or sinks. Which
+launches take it is ``_gluon.page_rows``'s decision (pages of 8 to 64; larger pages keep the ``tl``
+kernel's block copies, measured faster there). There is no interpreter for Gluon: the CPU suite covers
+the ``tl`` kernel and compiles this one for sm_90; the GPU suite runs both.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def _issue_tile(k_desc, v_desc, k_buf, v_buf, bar, page_table, start, last_entry
 @gluon.jit
 def _produce(k_desc, v_desc, k_smem, v_smem, ready, empty, page_table, a, n_tiles, last_entry, page_size,
              PAGE_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The loader partition (one warp): tile ``j`` into stage ``j % STAGES`` once the consumer freed it."""
+    """The loader partition (one warp): tile ``j`` into stage ``j % STAGES`` once both MMA warpgroups have
+    handed that stage back (``empty``: from tile ``j - STAGES``)."""
     for j in range(n_tiles):
         stage = j % STAGES
         mbarrier.wait(empty.index(stage), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)

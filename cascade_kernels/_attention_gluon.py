@@ -186,7 +186,7 @@ def _paged_attention_gluon(
     s_lt, s_lslot, s_lh,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     PAGE_ROWS: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, REVERSE_TILES: gl.constexpr,
-    DECODE_TILES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """Grid, arguments and outputs as ``_paged_attention_kernel`` (``sinks_ptr``, ``softcap`` and
     ``window_left`` unused: launches with those options take the ``tl`` kernel). Launched with
@@ -205,27 +205,22 @@ def _paged_attention_gluon(
     kv_head = pid % num_kv_heads
     split = (pid // num_kv_heads) % num_splits
     tile = pid // (num_kv_heads * num_splits)
-    if DECODE_TILES > 0:
-        seg = tile // DECODE_TILES
-        num_tiles = DECODE_TILES
-        local = tile % DECODE_TILES
-        q_start = seg
-        q_len = seg * 0 + 1
-    else:
-        lo_s = 0
-        hi_s = num_segments
-        while lo_s < hi_s:
-            mid = (lo_s + hi_s) // 2
-            if gl.load(tile_indptr_ptr + mid + 1) <= tile:
-                lo_s = mid + 1
-            else:
-                hi_s = mid
-        seg = lo_s
-        first_tile = gl.load(tile_indptr_ptr + gl.minimum(seg, num_segments - 1))
-        num_tiles = gl.load(tile_indptr_ptr + gl.minimum(seg, num_segments - 1) + 1) - first_tile
-        local = tile - first_tile
-        q_start = gl.load(qo_indptr_ptr + gl.minimum(seg, num_segments - 1))
-        q_len = gl.load(qo_indptr_ptr + gl.minimum(seg, num_segments - 1) + 1) - q_start
+    # the segment owning this work tile: a binary search of tile_indptr, as in the tl kernel
+    lo_s = 0
+    hi_s = num_segments
+    while lo_s < hi_s:
+        mid = (lo_s + hi_s) // 2
+        if gl.load(tile_indptr_ptr + mid + 1) <= tile:
+            lo_s = mid + 1
+        else:
+            hi_s = mid
+    seg = lo_s
+    last = gl.minimum(seg, num_segments - 1)  # the loads stay inside the arrays past the last tile
+    first_tile = gl.load(tile_indptr_ptr + last)
+    num_tiles = gl.load(tile_indptr_ptr + last + 1) - first_tile
+    local = tile - first_tile
+    q_start = gl.load(qo_indptr_ptr + last)
+    q_len = gl.load(qo_indptr_ptr + last + 1) - q_start
     if seg < num_segments:  # the grid is an upper bound on the number of tiles
         if REVERSE_TILES:
             local = num_tiles - 1 - local

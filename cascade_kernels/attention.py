@@ -230,7 +230,7 @@ def launch_attention(
         _gluon.launcher()(
             grid, *args, GROUP=geometry.group, HEAD_DIM=geometry.head_dim, BLOCK_M=_gluon.BLOCK_M,
             BLOCK_N=_gluon.BLOCK_N, PAGE_ROWS=page_rows, STAGES=_gluon.STAGES, CAUSAL=options.causal,
-            REVERSE_TILES=reverse_tiles, DECODE_TILES=decode_tiles, PRODUCER_REGS=_gluon.PRODUCER_REGS,
+            REVERSE_TILES=reverse_tiles, PRODUCER_REGS=_gluon.PRODUCER_REGS,
             CONSUMER_REGS=_gluon.CONSUMER_REGS, num_warps=_gluon.NUM_WARPS,
         )
         return

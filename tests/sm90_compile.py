@@ -58,7 +58,7 @@ GLUON_CASES = {
     "gluon-prefill-p16": ("bf16", dict(HEAD_DIM=128, PAGE_ROWS=16)),
     "gluon-prefill-p64-d64-fp16": ("fp16", dict(HEAD_DIM=64, PAGE_ROWS=64)),
 }
-_GLUON_BASE = dict(GROUP=4, BLOCK_M=128, BLOCK_N=128, STAGES=2, CAUSAL=True, REVERSE_TILES=True, DECODE_TILES=0,
+_GLUON_BASE = dict(GROUP=4, BLOCK_M=128, BLOCK_N=128, STAGES=2, CAUSAL=True, REVERSE_TILES=True,
                    PRODUCER_REGS=24, CONSUMER_REGS=240)
 
 

@@ -30,6 +30,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from ._attention_kernel import _work_tile
+
 # Names that moved between the triton versions this was checked with (3.6 first, then 3.9): the CTA-wide
 # barrier, and the block copy into shared memory.
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -205,22 +207,7 @@ def _paged_attention_gluon(
     kv_head = pid % num_kv_heads
     split = (pid // num_kv_heads) % num_splits
     tile = pid // (num_kv_heads * num_splits)
-    # the segment owning this work tile: a binary search of tile_indptr, as in the tl kernel
-    lo_s = 0
-    hi_s = num_segments
-    while lo_s < hi_s:
-        mid = (lo_s + hi_s) // 2
-        if gl.load(tile_indptr_ptr + mid + 1) <= tile:
-            lo_s = mid + 1
-        else:
-            hi_s = mid
-    seg = lo_s
-    last = gl.minimum(seg, num_segments - 1)  # the loads stay inside the arrays past the last tile
-    first_tile = gl.load(tile_indptr_ptr + last)
-    num_tiles = gl.load(tile_indptr_ptr + last + 1) - first_tile
-    local = tile - first_tile
-    q_start = gl.load(qo_indptr_ptr + last)
-    q_len = gl.load(qo_indptr_ptr + last + 1) - q_start
+    seg, num_tiles, local, q_start, q_len = _work_tile(tile, tile_indptr_ptr, qo_indptr_ptr, num_segments, 0)
     if seg < num_segments:  # the grid is an upper bound on the number of tiles
         if REVERSE_TILES:
             local = num_tiles - 1 - local

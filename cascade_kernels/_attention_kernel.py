@@ -202,6 +202,41 @@ def _attend_range(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _work_tile(tile, tile_indptr_ptr, qo_indptr_ptr, num_segments, DECODE_TILES: tl.constexpr):
+    """The segment owning work tile ``tile``, its number of work tiles, the tile's index among them, and the
+    segment's first query token and token count; ``seg >= num_segments`` past the last tile (the grid is an
+    upper bound). Scalar code, shared by the ``tl`` and the Gluon kernel.
+
+    ``DECODE_TILES > 0`` promises one query token a segment in that many tiles: segment and token follow by
+    division, with no load. Otherwise a binary search of ``tile_indptr`` (no host-side work list): log2(S)
+    loads one after another before anything else can start.
+    """
+    if DECODE_TILES > 0:
+        seg = tile // DECODE_TILES
+        num_tiles = tile * 0 + DECODE_TILES
+        local = tile % DECODE_TILES
+        q_start = seg
+        q_len = seg * 0 + 1
+    else:
+        lo_s = 0
+        hi_s = num_segments
+        while lo_s < hi_s:
+            mid = (lo_s + hi_s) // 2
+            if tl.load(tile_indptr_ptr + mid + 1) <= tile:
+                lo_s = mid + 1
+            else:
+                hi_s = mid
+        seg = lo_s
+        last = tl.maximum(tl.minimum(seg, num_segments - 1), 0)  # loads stay inside the arrays past the end
+        first_tile = tl.load(tile_indptr_ptr + last)
+        num_tiles = tl.load(tile_indptr_ptr + last + 1) - first_tile
+        local = tile - first_tile
+        q_start = tl.load(qo_indptr_ptr + last)
+        q_len = tl.load(qo_indptr_ptr + last + 1) - q_start
+    return seg, num_tiles, local, q_start, q_len
+
+
 # Batch-dependent integers are not specialized (Triton would otherwise compile a new variant when, say,
 # the number of segments crosses a multiple of 16 in the middle of serving).
 @triton.jit(do_not_specialize=["num_segments", "num_splits", "num_pages", "window_left", "slot_offset"])
@@ -244,35 +279,10 @@ def _paged_attention_kernel(
     split = (pid // num_kv_heads) % num_splits
     tile = pid // (num_kv_heads * num_splits)
 
-    if DECODE_TILES > 0:
-        # every segment holds one query token, in DECODE_TILES work tiles (a decode batch): the segment,
-        # and its token, follow from the tile by division, with no load
-        seg = tile // DECODE_TILES
-        if seg >= num_segments:
-            return
-        num_tiles = DECODE_TILES
-        local = tile % DECODE_TILES
-        q_start = seg
-        q_len = seg * 0 + 1
-    else:
-        # Find the segment owning this work tile: binary search of tile_indptr (no host-side work list),
-        # log2(segments) loads one after another before anything else can start.
-        lo_s = 0
-        hi_s = num_segments
-        while lo_s < hi_s:
-            mid = (lo_s + hi_s) // 2
-            if tl.load(tile_indptr_ptr + mid + 1) <= tile:
-                lo_s = mid + 1
-            else:
-                hi_s = mid
-        seg = lo_s
-        if seg >= num_segments:
-            return  # the grid is an upper bound on the number of tiles
-        first_tile = tl.load(tile_indptr_ptr + seg)
-        num_tiles = tl.load(tile_indptr_ptr + seg + 1) - first_tile
-        local = tile - first_tile
-        q_start = tl.load(qo_indptr_ptr + seg)
-        q_len = tl.load(qo_indptr_ptr + seg + 1) - q_start
+    seg, num_tiles, local, q_start, q_len = _work_tile(tile, tile_indptr_ptr, qo_indptr_ptr, num_segments,
+                                                       DECODE_TILES)
+    if seg >= num_segments:
+        return  # the grid is an upper bound on the number of tiles
     if REVERSE_TILES:
         local = num_tiles - 1 - local  # causal: the last rows see the most keys, start them first
 

@@ -1,21 +1,27 @@
 """The paged attention kernel for Hopper written in Gluon: KV tiles gathered page by page with block copies.
 
 Same work as ``_attention_kernel._paged_attention_kernel`` (one program: one KV head, one tile of
-BLOCK_M (token, group head) rows of one segment, one split of its KV; masks by global position only), for
-the case the ``tl`` kernel cannot feed well: pages smaller than the KV tile. There a 128-key tile over
-pages of 16 is eight scattered runs of rows. The ``tl`` kernel loads it as a row gather (a pointer per row,
-copies issued by every warp that also runs the MMAs); here each page's rows are one block copy (TMA) into
-its slice of one shared-memory tile, issued by a loader warp (warp specialization) into ``STAGES`` stages,
-with an mbarrier per stage counting the bytes in and one handing the stage back. Two MMA warpgroups take 64
-rows of the 128-row tile each, on their own (FA3's structure: one's softmax runs under the other's MMAs):
-Q in shared memory, S = Q K^T and O += P V as warpgroup MMAs with P from registers.
+BLOCK_M (token, group head) rows of one segment, one split of its KV; masks by global position only),
+with FA3's structure: a loader warp (warp specialization) copies each KV tile into ``STAGES`` stages of
+shared memory, an mbarrier a stage counting the bytes in and one handing the stage back, and two MMA
+warpgroups take 64 rows of the 128-row tile each (Q in shared memory, S = Q K^T and O += P V as warpgroup
+MMAs with P from registers), so one's softmax runs under the other's MMAs.
+
+The copies: ``PAGE_ROWS`` rows each, one block copy (TMA) into its slice of the stage. With pages smaller
+than the tile (``PAGE_ROWS`` = ``page_size``) a 128-key tile over pages of 16 is eight scattered runs of
+rows, one copy each, which the ``tl`` kernel can only load as a row gather (a pointer per row, copies
+issued by the warps that also run the MMAs). With pages of 128 keys or more, or tiles the caller found in
+consecutive pages, a tile is 128 consecutive rows: one copy (``PAGE_ROWS`` = 128). ``ORDERED`` makes the
+two warpgroups take turns at the MMAs (FA3's ping-pong). Measured on an H200 (1 x 16384 causal, bf16,
+head_dim 128) it pays with one copy a tile (pages of 256: 542-563 TFLOP/s against 528 unordered and 494
+for the ``tl`` kernel) and costs with page-sized copies (pages of 16: 479-488 against 506-511), so launches
+ask for it with one copy a tile only (``_gluon.ordered``).
 
 What it handles: Hopper (warpgroup MMAs), fp16/bf16, head_dim 64 or 128, copies of ``PAGE_ROWS`` rows
-that lie in one page (``PAGE_ROWS`` divides ``BLOCK_N`` and ``page_size``), caches whose pages are
+that lie in consecutive cache rows (``PAGE_ROWS`` divides ``BLOCK_N``), caches whose pages are
 row-contiguous with unit stride along head_dim, causal or not; no window, soft cap or sinks. Which
-launches take it is ``_gluon.page_rows``'s decision (pages of 8 to 64; larger pages keep the ``tl``
-kernel's block copies, measured faster there). There is no interpreter for Gluon: the CPU suite covers
-the ``tl`` kernel and compiles this one for sm_90; the GPU suite runs both.
+launches take it is ``_gluon.page_rows``'s decision. There is no interpreter for Gluon: the CPU suite
+covers the ``tl`` kernel and compiles this one for sm_90; the GPU suite runs both.
 """
 
 from __future__ import annotations
@@ -59,8 +65,9 @@ def _issue_tile(k_desc, v_desc, k_buf, v_buf, bar, page_table, start, last_entry
                 PAGE_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, pred):
     """Block copies of KV tokens ``start .. start + BLOCK_N - 1`` into one stage, ``PAGE_ROWS`` rows each.
 
-    Copy ``i`` reads the page holding token ``start + i * PAGE_ROWS`` (clamped to the segment's last page,
-    so a tile past the segment's end reads a real page, hidden by the mask); every copy signals ``bar``.
+    Copy ``i`` reads ``PAGE_ROWS`` cache rows from token ``start + i * PAGE_ROWS``'s row on (its page is
+    clamped to the segment's last page, so a tile past the segment's end reads a real page, hidden by the
+    mask); every copy signals ``bar``.
     """
     mbarrier.expect(bar, 2 * BLOCK_N * k_desc.block_type.shape[1] * k_desc.dtype.primitive_bitwidth // 8, pred)
     for i in gl.static_range(BLOCK_N // PAGE_ROWS):
@@ -85,17 +92,21 @@ def _produce(k_desc, v_desc, k_smem, v_smem, ready, empty, page_table, a, n_tile
 
 
 @gluon.jit
-def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem, ready, empty,
+def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem, ready, empty, my_turn, their_turn,
                   q_start, q_len, kv_head, row0, a, n_tiles, full_hi, kv_len, kv_start, scale, slot,
                   s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-                  GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+                  GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, ORDERED: gl.constexpr,
+                  LEADS: gl.constexpr):
     """One MMA warpgroup's rows ``row0 .. row0 + 16 * num_warps - 1`` of the program's tile, start to end:
     its Q rows into ``q_smem``, the online softmax over the KV tiles as they land in stage ``j % STAGES``
     (``ready``), each stage handed back to the loader (``empty``, one arrival per warpgroup) once this
     warpgroup's MMAs have read it, then its normalised ``o`` and natural-log ``lse``.
 
-    The two warpgroups of a program run this on their own, synchronised only through the stages, so one's
-    softmax can run while the other's MMAs do.
+    The two warpgroups of a program run this side by side, so one's softmax can run while the other's
+    MMAs do. Without ``ORDERED`` they meet only at the stages. With it they take turns issuing MMAs
+    (FA3's ping-pong): each issues ``P V`` of tile ``j`` and ``Q K^T`` of tile ``j + 1`` as one turn,
+    waiting on ``my_turn`` and then handing the turn over on ``their_turn`` (mbarriers of one arrival);
+    the warpgroup that ``LEADS`` takes the first turn, the other starts by waiting for it.
     """
     ROWS: gl.constexpr = q_smem.shape[0]
     HEAD_DIM: gl.constexpr = q_smem.shape[1]
@@ -133,8 +144,12 @@ def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem, read
         mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
         k_buf = k_smem.index(stage)
         v_buf = v_smem.index(stage)
+        if ORDERED and not LEADS:
+            mbarrier.wait(my_turn, 0, pred=j == 0)  # the leader's first Q K^T goes first
         s = warpgroup_mma(q_smem, k_buf.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                           use_acc=False, is_async=True)
+        if ORDERED:
+            mbarrier.arrive(their_turn, count=1)  # turn ``j + 1`` of the other warpgroup (``j`` for the leader's)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         s = s * scale
         if start + BLOCK_N > full_hi:  # some key of this tile is hidden from some row
@@ -158,7 +173,15 @@ def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem, read
         l_i = l_i * alpha + gl.sum(p, 1)
         acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if ORDERED:
+            # this P V waits for the other warpgroup's Q K^T of tile j (the leader) or j + 1 (the other)
+            if LEADS:
+                mbarrier.wait(my_turn, j & 1)
+            else:
+                mbarrier.wait(my_turn, (j + 1) & 1)
         acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
+        if ORDERED:
+            mbarrier.arrive(their_turn, count=1, pred=j == n_tiles - 1)  # a last turn with no Q K^T in it
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         m_i = m_new
         _cta_barrier()  # every warp of this warpgroup has read the stage
@@ -188,12 +211,13 @@ def _paged_attention_gluon(
     s_lt, s_lslot, s_lh,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     PAGE_ROWS: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, REVERSE_TILES: gl.constexpr,
-    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, ORDERED: gl.constexpr,
 ):
     """Grid, arguments and outputs as ``_paged_attention_kernel`` (``sinks_ptr``, ``softcap`` and
     ``window_left`` unused: launches with those options take the ``tl`` kernel). Launched with
     ``num_warps`` = one warpgroup (4): the program's own warps run the first half of the tile's rows, a
-    worker warpgroup the second half, a worker warp the copies."""
+    worker warpgroup the second half, a worker warp the copies. ``ORDERED``: the warpgroups take turns at
+    the MMAs (``_consume_rows``)."""
     num_warps: gl.constexpr = gl.num_warps()
     ROWS: gl.constexpr = 16 * num_warps
     gl.static_assert(BLOCK_M == 2 * ROWS, "two warpgroups of 16-row slabs")
@@ -241,23 +265,30 @@ def _paged_attention_gluon(
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
         scale = qk_scale * LOG2E
         slot = (slot_offset + split).to(gl.int64)
         gl.warp_specialize([
             (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q0_smem, k_smem, v_smem, ready, empty,
+                             turn.index(0), turn.index(1),
                              q_start, q_len, kv_head, local * BLOCK_M, a, n_tiles, full_hi, kv_len, kv_start, scale,
                              slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-                             GROUP, CAUSAL, STAGES)),
+                             GROUP, CAUSAL, STAGES, ORDERED, True)),
             (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q1_smem, k_smem, v_smem, ready, empty,
+                             turn.index(1), turn.index(0),
                              q_start, q_len, kv_head, local * BLOCK_M + ROWS, a, n_tiles, full_hi, kv_len, kv_start,
                              scale, slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-                             GROUP, CAUSAL, STAGES)),
+                             GROUP, CAUSAL, STAGES, ORDERED, False)),
             (_produce, (k_desc, v_desc, k_smem, v_smem, ready, empty, page_table, a, n_tiles, last_entry,
                         page_size, PAGE_ROWS, BLOCK_N, STAGES)),
         ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
+        for i in gl.static_range(2):
+            mbarrier.invalidate(turn.index(i))

@@ -1,15 +1,16 @@
 """When an attention launch takes the Gluon kernel (``_attention_gluon.py``), and its launcher.
 
-The Gluon kernel gathers KV tiles over pages smaller than the tile with one block copy a page, issued
-by a loader warp beside two MMA warpgroups; measured on an H200 at pages of 16 it runs prefill 1.3-1.4x faster
-than the ``tl`` kernel's row gathers (RESULTS.md). It covers the common serving case only; every other
-launch (and every launch under the interpreter, which has no Gluon) takes the ``tl`` kernel:
+The Gluon kernel reads each KV tile with block copies issued by a loader warp beside two MMA warpgroups;
+measured on an H200 it runs causal prefill 1.4-1.5x faster than the ``tl`` kernel's row gathers at pages
+of 16, and 1.1x faster than the ``tl`` kernel's own block copies at pages of 256 (RESULTS.md). It covers
+the common serving case only; every other launch (and every launch under the interpreter, which has no
+Gluon) takes the ``tl`` kernel:
 
 - a Hopper GPU (compute capability 9: warpgroup MMAs), a Triton whose Gluon has the parts it uses;
 - prefill tiles (``config.block_m == 128``), fp16/bf16, head_dim 64 or 128;
-- pages of 8 to 64 tokens (a 128-key tile is whole pages) in a cache whose pages are row-contiguous
-  (NHD) with 16-byte aligned rows; pages of 128 and more, and tiles in page runs, are one block copy a tile
-  already in the ``tl`` kernel, which measured as fast or faster there;
+- a cache whose pages are row-contiguous (NHD) with 16-byte aligned rows, and either pages of 8 to 64
+  tokens (one copy a page, eight rows at least), pages of a multiple of 128 tokens, or tiles the caller
+  found in consecutive pages (``page_runs``; one copy a 128-key tile in both);
 - no sliding window, soft cap, or sinks applied in the launch (a split or cascade launch leaves sinks
   to the merge, so those still qualify).
 
@@ -57,16 +58,28 @@ def enabled() -> bool:
 
 
 def page_rows(q, k_cache, v_cache, head_dim, block_m, window_left, softcap, has_sinks, page_runs) -> int:
-    """Rows of one block copy when this launch takes the Gluon kernel (the page size), else 0."""
+    """Rows of one block copy when this launch takes the Gluon kernel, else 0: the page size for pages
+    of 8 to 64 tokens, a whole tile (128) for pages of a multiple of 128 tokens and where ``page_runs``
+    says every 128-key tile of the launch lies in consecutive pages."""
     num_pages, page_size = k_cache.shape[:2]
     if interpreting() or block_m != BLOCK_M or head_dim not in HEAD_DIMS:
         return 0
     if q.dtype not in (torch.float16, torch.bfloat16) or window_left is not None or softcap is not None or has_sinks:
         return 0
-    if page_runs or page_size < MIN_PAGE or page_size >= BLOCK_N or BLOCK_N % page_size:
+    if page_runs or page_size % BLOCK_N == 0:
+        rows = BLOCK_N
+    elif MIN_PAGE <= page_size < BLOCK_N and BLOCK_N % page_size == 0:
+        rows = page_size
+    else:
         return 0
     if num_pages * page_size >= 2**31 or not (cache_ok(k_cache) and cache_ok(v_cache)):
         return 0
     if not (enabled() and _is_hopper(q.device) and launcher() is not None):
         return 0
-    return page_size
+    return rows
+
+
+def ordered(rows: int) -> bool:
+    """Whether the two MMA warpgroups take turns (``ORDERED``): with one copy a tile only (measured faster
+    there, slower with page-sized copies; ``_attention_gluon``'s docstring)."""
+    return rows == BLOCK_N

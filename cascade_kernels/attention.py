@@ -223,15 +223,16 @@ def launch_attention(
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
     )
+    # runs of the config's tiles are runs of the Gluon kernel's 128-key tiles where those nest in them
     page_rows = _gluon.page_rows(q, k_cache, v_cache, geometry.head_dim, config.block_m, options.window_left,
-                                 options.softcap, has_sinks, page_runs)
+                                 options.softcap, has_sinks, page_runs and config.block_n % _gluon.BLOCK_N == 0)
     if page_rows:
         ensure_allocator()
         _gluon.launcher()(
             grid, *args, GROUP=geometry.group, HEAD_DIM=geometry.head_dim, BLOCK_M=_gluon.BLOCK_M,
             BLOCK_N=_gluon.BLOCK_N, PAGE_ROWS=page_rows, STAGES=_gluon.STAGES, CAUSAL=options.causal,
             REVERSE_TILES=reverse_tiles, PRODUCER_REGS=_gluon.PRODUCER_REGS,
-            CONSUMER_REGS=_gluon.CONSUMER_REGS, num_warps=_gluon.NUM_WARPS,
+            CONSUMER_REGS=_gluon.CONSUMER_REGS, ORDERED=_gluon.ordered(page_rows), num_warps=_gluon.NUM_WARPS,
         )
         return
     tma = config.tma and tma_usable(k_cache, v_cache, config.block_n, block_d, config.prefetch, page_runs)

@@ -1,14 +1,15 @@
-"""The Gluon prefill kernel (``cascade_kernels/_attention_gluon.py``): pages smaller than the KV tile on Hopper.
+"""The Gluon prefill kernel (``cascade_kernels/_attention_gluon.py``): block copies of paged KV on Hopper.
 
 It runs compiled only (Gluon has no interpreter), so these tests run on a Hopper GPU and are skipped
 elsewhere; the CPU suite compiles it for sm_90 instead (``test_sm90_compile.py``). Held, on layouts drawn
-by hypothesis (fp16/bf16, head dims 64 and 128, pages of 8 to 64 slots in shuffled order with every unused
-slot NaN, ragged segments with empty ones, positions with gaps, queries before / inside / after their keys,
+by hypothesis (fp16/bf16, head dims 64 and 128, pages of 8 to 64 slots (a copy a page) and of 128 and 256
+(a copy a tile, the warpgroups taking turns) in shuffled order with every unused slot NaN, ragged segments with empty ones, positions with gaps, queries before / inside / after their keys,
 causal or not, forced split counts, outputs poisoned before the launch):
 
 * ``paged_prefill`` equals the float64 reference with every launch taking the Gluon kernel;
 * the same problems through the ``tl`` kernel (``CASCADE_KERNELS_GLUON=0``) agree within rounding;
-* a cascade whose shared level runs on it equals the reference;
+* a cascade whose shared level runs on it equals the reference, its pages shuffled (a copy a page) or in
+  order (page runs: a copy a tile);
 
 and, directly, which launches qualify.
 """
@@ -35,7 +36,7 @@ from test_prefill import check_outputs, check_same, dirty_device_memory, fewer
 HOPPER = DEVICE == "cuda" and not interpreting() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not (HOPPER and _gluon.launcher() is not None),
                                   reason="the Gluon kernel runs compiled on a Hopper GPU only")
-PAGES = (8, 16, 32, 64)
+PAGES = (8, 16, 32, 64, 128, 256)
 PREFILL_TILE = TileConfig(128, 128, 8, 2)  # the prefill tile the Gluon kernel takes
 
 
@@ -101,18 +102,23 @@ def test_gluon_and_tl_kernels_agree(p):
 
 
 @needs_hopper
-def test_cascade_shared_level_on_gluon():
+@pytest.mark.parametrize("in_order", [False, True], ids=["shuffled", "page-runs"])
+def test_cascade_shared_level_on_gluon(in_order):
     """A system prompt of 1000 tokens shared by 12 requests (one decode token each, own KV 37..300
-    tokens), pages of 16: the shared level is a prefill tile launch over gathered pages."""
+    tokens), pages of 16: the shared level is a prefill tile launch over gathered pages, or over 128-row
+    runs of them where the prompt's pages lie in order."""
     torch.manual_seed(0)
     page, heads, kv_heads, dim, batch = 16, 8, 2, 128, 12
     own = [37 + 23 * i for i in range(batch)]
     num_pages = 1000 // page + 1 + sum(-(-n // page) for n in own) + 3
     k_cache = torch.randn(num_pages, page, kv_heads, dim, dtype=torch.bfloat16, device=DEVICE)
     v_cache = torch.randn_like(k_cache)
-    perm = torch.randperm(num_pages, device=DEVICE).to(torch.int32)
     i32 = dict(dtype=torch.int32, device=DEVICE)
     shared_pages = -(-1000 // page)
+    perm = torch.randperm(num_pages, device=DEVICE).to(torch.int32)
+    if in_order:  # the prompt in pages 3, 4, ... (tiles start at its first page), the rest shuffled
+        prompt = torch.arange(3, 3 + shared_pages, **i32)
+        perm = torch.cat([prompt, perm[~torch.isin(perm, prompt)]])
     shared = ck.PagedKV(indptr=torch.tensor([0, shared_pages], **i32), indices=perm[:shared_pages].contiguous(),
                         lens=torch.tensor([1000], **i32), start_pos=torch.tensor([0], **i32))
     counts = [-(-n // page) for n in own]
@@ -128,6 +134,7 @@ def test_cascade_shared_level_on_gluon():
                                dtype=torch.bfloat16, fold=False)
         o, lse = plan.run(q, q_pos, k_cache, v_cache)
     assert counted.calls >= 1, "the shared level did not take the Gluon kernel"
+    assert [launch.page_runs for launch in plan.launches if launch.kind == "prefill"] == [in_order]
     expected = reference.cascade_attention(q.cpu(), q_pos.cpu(), k_cache.cpu(), v_cache.cpu(),
                                            [ck.CascadeLevel(lv.qo_indptr.cpu(), _cpu(lv.kv)) for lv in levels])
     check_outputs(o, lse, expected, q)
@@ -148,11 +155,15 @@ def test_which_launches_take_the_gluon_kernel():
         q = torch.empty(4, 8, dim, dtype=dtype, device=DEVICE)
         return _gluon.page_rows(q, k, k, dim, block_m, window, softcap, sinks, runs)
 
-    expected = 16 if HOPPER and _gluon.launcher() is not None else 0
-    assert rows() == expected
-    assert rows(page=8) == expected // 2
-    assert rows(page=64) == expected * 4
-    for kwargs in (dict(page=128), dict(page=256), dict(page=24), dict(page=4), dict(dim=96), dict(dim=256),
+    on = HOPPER and _gluon.launcher() is not None
+    assert rows() == 16 * on
+    assert rows(page=8) == 8 * on
+    assert rows(page=64) == 64 * on
+    for kwargs in (dict(page=128), dict(page=256), dict(page=1024), dict(runs=True), dict(page=8, runs=True),
+                   dict(page=24, runs=True)):
+        assert rows(**kwargs) == 128 * on, kwargs  # a copy a tile
+    assert not _gluon.ordered(16) and _gluon.ordered(128)
+    for kwargs in (dict(page=24), dict(page=4), dict(page=192), dict(dim=96), dict(dim=256),
                    dict(dtype=torch.float32), dict(block_m=64), dict(window=8), dict(softcap=30.0),
-                   dict(sinks=True), dict(runs=True), dict(layout="hnd")):
+                   dict(sinks=True), dict(layout="hnd"), dict(layout="hnd", page=256)):
         assert rows(**kwargs) == 0, kwargs

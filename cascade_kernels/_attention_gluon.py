@@ -2,20 +2,24 @@
 
 Same work as ``_attention_kernel._paged_attention_kernel`` (one program: one KV head, one tile of
 BLOCK_M (token, group head) rows of one segment, one split of its KV; masks by global position only),
-with FA3's structure: a loader warp (warp specialization) copies each KV tile into ``STAGES`` stages of
-shared memory, an mbarrier a stage counting the bytes in and one handing the stage back, and two MMA
-warpgroups take 64 rows of the 128-row tile each (Q in shared memory, S = Q K^T and O += P V as warpgroup
-MMAs with P from registers), so one's softmax runs under the other's MMAs.
+with FA3's structure: two loader warps (warp specialization), one for K and one for V, copy each KV tile
+into ``STAGES`` stages of shared memory (an mbarrier a stage and operand counting the bytes in, another
+handing it back), and two MMA warpgroups take 64 rows of the 128-row tile each (Q in shared memory, S = Q
+K^T and O += P V as warpgroup MMAs with P from registers), taking turns at the MMAs (FA3's ping-pong) so
+one's softmax runs under the other's MMAs. K's stage goes back to its loader after Q K^T, V's after P V,
+so the next K copies start while this tile's softmax and P V run.
 
 The copies: ``PAGE_ROWS`` rows each, one block copy (TMA) into its slice of the stage. With pages smaller
 than the tile (``PAGE_ROWS`` = ``page_size``) a 128-key tile over pages of 16 is eight scattered runs of
 rows, one copy each, which the ``tl`` kernel can only load as a row gather (a pointer per row, copies
 issued by the warps that also run the MMAs). With pages of 128 keys or more, or tiles the caller found in
-consecutive pages, a tile is 128 consecutive rows: one copy (``PAGE_ROWS`` = 128). ``ORDERED`` makes the
-two warpgroups take turns at the MMAs (FA3's ping-pong). Measured on an H200 (1 x 16384 causal, bf16,
-head_dim 128) it pays with one copy a tile (pages of 256: 542-563 TFLOP/s against 528 unordered and 494
-for the ``tl`` kernel) and costs with page-sized copies (pages of 16: 479-488 against 506-511), so launches
-ask for it with one copy a tile only (``_gluon.ordered``).
+consecutive pages, a tile is 128 consecutive rows: one copy (``PAGE_ROWS`` = 128).
+
+Measured on an H200 (1 x 16384 causal, bf16, head_dim 128; NOTES.md prefill v9): at pages of 16, one
+loader warp for both operands and one stage barrier ran 498-511 TFLOP/s unordered and 476-488 ordered
+(the 32 copies a tile, each page's row split in two 128-byte halves, kept the loader behind); a loader for
+each operand, ordered: 528.5. At pages of 256 the ordered kernel runs 533-557 (the ``tl`` kernel's own
+block copies 486-494).
 
 What it handles: Hopper (warpgroup MMAs), fp16/bf16, head_dim 64 or 128, copies of ``PAGE_ROWS`` rows
 that lie in consecutive cache rows (``PAGE_ROWS`` divides ``BLOCK_N``), caches whose pages are
@@ -61,50 +65,43 @@ def _mma_layout(n, num_warps):
 
 
 @gluon.jit
-def _issue_tile(k_desc, v_desc, k_buf, v_buf, bar, page_table, start, last_entry, page_size,
-                PAGE_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, pred):
-    """Block copies of KV tokens ``start .. start + BLOCK_N - 1`` into one stage, ``PAGE_ROWS`` rows each.
+def _load_operand(desc, smem, ready, empty, page_table, a, n_tiles, last_entry, page_size,
+                  PAGE_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """A loader partition (one warp) for one operand, K or V: KV tokens ``a + j * BLOCK_N ...`` of tile ``j``
+    into stage ``j % STAGES`` once both MMA warpgroups have handed it back (``empty``, from tile
+    ``j - STAGES``), ``PAGE_ROWS`` rows a block copy, all signalling ``ready``.
 
     Copy ``i`` reads ``PAGE_ROWS`` cache rows from token ``start + i * PAGE_ROWS``'s row on (its page is
     clamped to the segment's last page, so a tile past the segment's end reads a real page, hidden by the
-    mask); every copy signals ``bar``.
-    """
-    mbarrier.expect(bar, 2 * BLOCK_N * k_desc.block_type.shape[1] * k_desc.dtype.primitive_bitwidth // 8, pred)
-    for i in gl.static_range(BLOCK_N // PAGE_ROWS):
-        pos = start + i * PAGE_ROWS
-        entry = gl.minimum(pos // page_size, last_entry)
-        page = gl.load(page_table + entry, mask=pred, other=0)
-        row = page * page_size + pos % page_size
-        _tma_load(k_desc, [row, 0], bar, k_buf.slice(i * PAGE_ROWS, PAGE_ROWS), pred)
-        _tma_load(v_desc, [row, 0], bar, v_buf.slice(i * PAGE_ROWS, PAGE_ROWS), pred)
-
-
-@gluon.jit
-def _produce(k_desc, v_desc, k_smem, v_smem, ready, empty, page_table, a, n_tiles, last_entry, page_size,
-             PAGE_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The loader partition (one warp): tile ``j`` into stage ``j % STAGES`` once both MMA warpgroups have
-    handed that stage back (``empty``: from tile ``j - STAGES``)."""
+    mask)."""
     for j in range(n_tiles):
         stage = j % STAGES
         mbarrier.wait(empty.index(stage), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
-        _issue_tile(k_desc, v_desc, k_smem.index(stage), v_smem.index(stage), ready.index(stage), page_table,
-                    a + j * BLOCK_N, last_entry, page_size, PAGE_ROWS, BLOCK_N, True)
+        bar = ready.index(stage)
+        buf = smem.index(stage)
+        start = a + j * BLOCK_N
+        mbarrier.expect(bar, BLOCK_N * desc.block_type.shape[1] * desc.dtype.primitive_bitwidth // 8)
+        for i in gl.static_range(BLOCK_N // PAGE_ROWS):
+            pos = start + i * PAGE_ROWS
+            page = gl.load(page_table + gl.minimum(pos // page_size, last_entry))
+            _tma_load(desc, [page * page_size + pos % page_size, 0], bar, buf.slice(i * PAGE_ROWS, PAGE_ROWS))
 
 
 @gluon.jit
-def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem, ready, empty, my_turn, their_turn,
+def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem,
+                  k_ready, v_ready, k_empty, v_empty, my_turn, their_turn,
                   q_start, q_len, kv_head, row0, a, n_tiles, full_hi, kv_len, kv_start, scale, slot,
                   s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-                  GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, ORDERED: gl.constexpr,
-                  LEADS: gl.constexpr):
+                  GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, LEADS: gl.constexpr):
     """One MMA warpgroup's rows ``row0 .. row0 + 16 * num_warps - 1`` of the program's tile, start to end:
     its Q rows into ``q_smem``, the online softmax over the KV tiles as they land in stage ``j % STAGES``
-    (``ready``), each stage handed back to the loader (``empty``, one arrival per warpgroup) once this
-    warpgroup's MMAs have read it, then its normalised ``o`` and natural-log ``lse``.
+    (``k_ready``/``v_ready``), each operand's stage handed back to its loader (``k_empty``/``v_empty``, one
+    arrival per warpgroup) once this warpgroup's MMA has read it, then its normalised ``o`` and
+    natural-log ``lse``.
 
-    The two warpgroups of a program run this side by side, so one's softmax can run while the other's
-    MMAs do. Without ``ORDERED`` they meet only at the stages. With it they take turns issuing MMAs
-    (FA3's ping-pong): each issues ``P V`` of tile ``j`` and ``Q K^T`` of tile ``j + 1`` as one turn,
+    The two warpgroups of a program run this side by side, taking turns issuing MMAs (FA3's ping-pong)
+    so one's softmax runs while the other's MMAs do: each issues ``P V`` of tile ``j`` and ``Q K^T`` of
+    tile ``j + 1`` as one turn,
     waiting on ``my_turn`` and then handing the turn over on ``their_turn`` (mbarriers of one arrival);
     the warpgroup that ``LEADS`` takes the first turn, the other starts by waiting for it.
     """
@@ -141,16 +138,17 @@ def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem, read
     for j in range(n_tiles):
         stage = j % STAGES
         start = a + j * BLOCK_N
-        mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
         k_buf = k_smem.index(stage)
         v_buf = v_smem.index(stage)
-        if ORDERED and not LEADS:
+        if not LEADS:
             mbarrier.wait(my_turn, 0, pred=j == 0)  # the leader's first Q K^T goes first
         s = warpgroup_mma(q_smem, k_buf.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                           use_acc=False, is_async=True)
-        if ORDERED:
-            mbarrier.arrive(their_turn, count=1)  # turn ``j + 1`` of the other warpgroup (``j`` for the leader's)
+        mbarrier.arrive(their_turn, count=1)  # turn ``j + 1`` of the other warpgroup (``j`` for the leader's)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        _cta_barrier()  # every warp of this warpgroup has read K
+        mbarrier.arrive(k_empty.index(stage), count=1)
         s = s * scale
         if start + BLOCK_N > full_hi:  # some key of this tile is hidden from some row
             kv_pos = kv_start + start + offs_n
@@ -158,6 +156,7 @@ def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem, read
             if CAUSAL:
                 visible = visible & (kv_pos[None, :] <= q_pos[:, None])
             s = gl.where(visible, s, -float("inf"))
+        mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
         if start + BLOCK_N > kv_len:
             # rows past the segment's end hold whatever the page holds (NaN included): zero them in V so
             # that 0 * NaN stays out of P V (both warpgroups write the same values; each then reads them)
@@ -173,19 +172,17 @@ def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem, read
         l_i = l_i * alpha + gl.sum(p, 1)
         acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-        if ORDERED:
-            # this P V waits for the other warpgroup's Q K^T of tile j (the leader) or j + 1 (the other)
-            if LEADS:
-                mbarrier.wait(my_turn, j & 1)
-            else:
-                mbarrier.wait(my_turn, (j + 1) & 1)
+        # this P V waits for the other warpgroup's Q K^T of tile j (the leader) or j + 1 (the other)
+        if LEADS:
+            mbarrier.wait(my_turn, j & 1)
+        else:
+            mbarrier.wait(my_turn, (j + 1) & 1)
         acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
-        if ORDERED:
-            mbarrier.arrive(their_turn, count=1, pred=j == n_tiles - 1)  # a last turn with no Q K^T in it
+        mbarrier.arrive(their_turn, count=1, pred=j == n_tiles - 1)  # a last turn with no Q K^T in it
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         m_i = m_new
         _cta_barrier()  # every warp of this warpgroup has read the stage
-        mbarrier.arrive(empty.index(stage), count=1)
+        mbarrier.arrive(v_empty.index(stage), count=1)
 
     # normalised o and natural-log lse (o = 0, lse = -inf where no key was visible)
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
@@ -211,13 +208,12 @@ def _paged_attention_gluon(
     s_lt, s_lslot, s_lh,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     PAGE_ROWS: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, REVERSE_TILES: gl.constexpr,
-    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, ORDERED: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """Grid, arguments and outputs as ``_paged_attention_kernel`` (``sinks_ptr``, ``softcap`` and
     ``window_left`` unused: launches with those options take the ``tl`` kernel). Launched with
     ``num_warps`` = one warpgroup (4): the program's own warps run the first half of the tile's rows, a
-    worker warpgroup the second half, a worker warp the copies. ``ORDERED``: the warpgroups take turns at
-    the MMAs (``_consume_rows``)."""
+    worker warpgroup the second half, two worker warps the copies of K and of V."""
     num_warps: gl.constexpr = gl.num_warps()
     ROWS: gl.constexpr = 16 * num_warps
     gl.static_assert(BLOCK_M == 2 * ROWS, "two warpgroups of 16-row slabs")
@@ -263,32 +259,40 @@ def _paged_attention_gluon(
         q1_smem = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_smem_layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
         for i in gl.static_range(2):
             mbarrier.init(turn.index(i), count=1)
         scale = qk_scale * LOG2E
         slot = (slot_offset + split).to(gl.int64)
         gl.warp_specialize([
-            (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q0_smem, k_smem, v_smem, ready, empty,
-                             turn.index(0), turn.index(1),
+            (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q0_smem, k_smem, v_smem,
+                             k_ready, v_ready, k_empty, v_empty, turn.index(0), turn.index(1),
                              q_start, q_len, kv_head, local * BLOCK_M, a, n_tiles, full_hi, kv_len, kv_start, scale,
                              slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-                             GROUP, CAUSAL, STAGES, ORDERED, True)),
-            (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q1_smem, k_smem, v_smem, ready, empty,
-                             turn.index(1), turn.index(0),
+                             GROUP, CAUSAL, STAGES, True)),
+            (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q1_smem, k_smem, v_smem,
+                             k_ready, v_ready, k_empty, v_empty, turn.index(1), turn.index(0),
                              q_start, q_len, kv_head, local * BLOCK_M + ROWS, a, n_tiles, full_hi, kv_len, kv_start,
                              scale, slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-                             GROUP, CAUSAL, STAGES, ORDERED, False)),
-            (_produce, (k_desc, v_desc, k_smem, v_smem, ready, empty, page_table, a, n_tiles, last_entry,
-                        page_size, PAGE_ROWS, BLOCK_N, STAGES)),
-        ], [num_warps, 1], [CONSUMER_REGS, PRODUCER_REGS])
+                             GROUP, CAUSAL, STAGES, False)),
+            (_load_operand, (k_desc, k_smem, k_ready, k_empty, page_table, a, n_tiles, last_entry,
+                             page_size, PAGE_ROWS, BLOCK_N, STAGES)),
+            (_load_operand, (v_desc, v_smem, v_ready, v_empty, page_table, a, n_tiles, last_entry,
+                             page_size, PAGE_ROWS, BLOCK_N, STAGES)),
+        ], [num_warps, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
         for i in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(i))
-            mbarrier.invalidate(empty.index(i))
+            mbarrier.invalidate(k_ready.index(i))
+            mbarrier.invalidate(v_ready.index(i))
+            mbarrier.invalidate(k_empty.index(i))
+            mbarrier.invalidate(v_empty.index(i))
         for i in gl.static_range(2):
             mbarrier.invalidate(turn.index(i))

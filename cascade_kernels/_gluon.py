@@ -1,6 +1,6 @@
 """When an attention launch takes the Gluon kernel (``_attention_gluon.py``), and its launcher.
 
-The Gluon kernel reads each KV tile with block copies issued by a loader warp beside two MMA warpgroups;
+The Gluon kernel reads each KV tile with block copies issued by loader warps beside two MMA warpgroups;
 measured on an H200 it runs causal prefill 1.4-1.5x faster than the ``tl`` kernel's row gathers at pages
 of 16, and 1.1x faster than the ``tl`` kernel's own block copies at pages of 256 (RESULTS.md). It covers
 the common serving case only; every other launch (and every launch under the interpreter, which has no
@@ -78,8 +78,3 @@ def page_rows(q, k_cache, v_cache, head_dim, block_m, window_left, softcap, has_
         return 0
     return rows
 
-
-def ordered(rows: int) -> bool:
-    """Whether the two MMA warpgroups take turns (``ORDERED``): with one copy a tile only (measured faster
-    there, slower with page-sized copies; ``_attention_gluon``'s docstring)."""
-    return rows == BLOCK_N

@@ -232,7 +232,7 @@ def launch_attention(
             grid, *args, GROUP=geometry.group, HEAD_DIM=geometry.head_dim, BLOCK_M=_gluon.BLOCK_M,
             BLOCK_N=_gluon.BLOCK_N, PAGE_ROWS=page_rows, STAGES=_gluon.STAGES, CAUSAL=options.causal,
             REVERSE_TILES=reverse_tiles, PRODUCER_REGS=_gluon.PRODUCER_REGS,
-            CONSUMER_REGS=_gluon.CONSUMER_REGS, ORDERED=_gluon.ordered(page_rows), num_warps=_gluon.NUM_WARPS,
+            CONSUMER_REGS=_gluon.CONSUMER_REGS, num_warps=_gluon.NUM_WARPS,
         )
         return
     tma = config.tma and tma_usable(k_cache, v_cache, config.block_n, block_d, config.prefetch, page_runs)

@@ -55,9 +55,9 @@ _INT_PTRS = ("q_pos_ptr", "qo_indptr_ptr", "tile_indptr_ptr", "kv_indptr_ptr", "
 # name -> (dtype, constexprs): the Gluon kernel (``_attention_gluon.py``, two warpgroups and a loader warp) at the
 # page sizes it takes; compiled only where this triton has the Gluon parts it uses.
 GLUON_CASES = {
-    "gluon-prefill-p16": ("bf16", dict(HEAD_DIM=128, PAGE_ROWS=16, ORDERED=False)),
-    "gluon-prefill-p64-d64-fp16": ("fp16", dict(HEAD_DIM=64, PAGE_ROWS=64, ORDERED=False)),
-    "gluon-prefill-tile-copies-ordered": ("bf16", dict(HEAD_DIM=128, PAGE_ROWS=128, ORDERED=True)),
+    "gluon-prefill-p16": ("bf16", dict(HEAD_DIM=128, PAGE_ROWS=16)),
+    "gluon-prefill-p64-d64-fp16": ("fp16", dict(HEAD_DIM=64, PAGE_ROWS=64)),
+    "gluon-prefill-tile-copies": ("bf16", dict(HEAD_DIM=128, PAGE_ROWS=128)),
 }
 _GLUON_BASE = dict(GROUP=4, BLOCK_M=128, BLOCK_N=128, STAGES=2, CAUSAL=True, REVERSE_TILES=True,
                    PRODUCER_REGS=24, CONSUMER_REGS=240)

@@ -65,7 +65,7 @@ def test_gluon_kernel_is_warp_specialized(compiled):
 
     if _gluon.launcher() is None:
         pytest.skip("this triton has no Gluon with the parts the kernel uses")
-    for case in ("gluon-prefill-p16", "gluon-prefill-p64-d64-fp16", "gluon-prefill-tile-copies-ordered"):
+    for case in ("gluon-prefill-p16", "gluon-prefill-p64-d64-fp16", "gluon-prefill-tile-copies"):
         r = compiled[case]
         assert r["warp_specialized"] and r["block_copies"] > 0 and r["row_copies"] == 0, r
         # a worker partition's scalar arguments spill (a few dozen words, reloaded once, in its epilogue)

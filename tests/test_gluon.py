@@ -11,7 +11,8 @@ causal or not, forced split counts, outputs poisoned before the launch):
 * a cascade whose shared level runs on it equals the reference, its pages shuffled (a copy a page) or in
   order (page runs: a copy a tile);
 
-and, directly, which launches qualify.
+and, on any device, which launches qualify (a Hopper GPU stood in), and that a plan's page runs reach the
+kernel only where they are runs of its 128-key tiles.
 """
 
 from __future__ import annotations
@@ -101,37 +102,44 @@ def test_gluon_and_tl_kernels_agree(p):
     check_same(gluon_out, tl_out, p.dtype, msg=repr(p))
 
 
-@needs_hopper
-@pytest.mark.parametrize("in_order", [False, True], ids=["shuffled", "page-runs"])
-def test_cascade_shared_level_on_gluon(in_order):
-    """A system prompt of 1000 tokens shared by 12 requests (one decode token each, own KV 37..300
-    tokens), pages of 16: the shared level is a prefill tile launch over gathered pages, or over 128-row
-    runs of them where the prompt's pages lie in order."""
+def _shared_prompt(in_order: bool, prompt: int = 1000, batch: int = 12, dim: int = 128, page: int = 16):
+    """A system prompt of ``prompt`` tokens shared by ``batch`` requests (one decode token each, own KV of
+    37, 60, ... tokens), pages of ``page`` in random order, or the prompt's in order (pages 3, 4, ...: its
+    128-key tiles are page runs). Returns (levels, q, q_pos, k_cache, v_cache, num_kv_heads)."""
     torch.manual_seed(0)
-    page, heads, kv_heads, dim, batch = 16, 8, 2, 128, 12
+    heads, kv_heads = 8, 2
     own = [37 + 23 * i for i in range(batch)]
-    num_pages = 1000 // page + 1 + sum(-(-n // page) for n in own) + 3
+    shared_pages = -(-prompt // page)
+    counts = [-(-n // page) for n in own]
+    num_pages = shared_pages + sum(counts) + 3
     k_cache = torch.randn(num_pages, page, kv_heads, dim, dtype=torch.bfloat16, device=DEVICE)
     v_cache = torch.randn_like(k_cache)
     i32 = dict(dtype=torch.int32, device=DEVICE)
-    shared_pages = -(-1000 // page)
     perm = torch.randperm(num_pages, device=DEVICE).to(torch.int32)
-    if in_order:  # the prompt in pages 3, 4, ... (tiles start at its first page), the rest shuffled
-        prompt = torch.arange(3, 3 + shared_pages, **i32)
-        perm = torch.cat([prompt, perm[~torch.isin(perm, prompt)]])
+    if in_order:
+        first = torch.arange(3, 3 + shared_pages, **i32)
+        perm = torch.cat([first, perm[~torch.isin(perm, first)]])
     shared = ck.PagedKV(indptr=torch.tensor([0, shared_pages], **i32), indices=perm[:shared_pages].contiguous(),
-                        lens=torch.tensor([1000], **i32), start_pos=torch.tensor([0], **i32))
-    counts = [-(-n // page) for n in own]
+                        lens=torch.tensor([prompt], **i32), start_pos=torch.tensor([0], **i32))
     bounds = torch.tensor([0] + counts, **i32).cumsum(0).to(torch.int32)
     mine = ck.PagedKV(indptr=bounds, indices=perm[shared_pages:shared_pages + sum(counts)].contiguous(),
-                      lens=torch.tensor(own, **i32), start_pos=torch.full((batch,), 1000, **i32))
+                      lens=torch.tensor(own, **i32), start_pos=torch.full((batch,), prompt, **i32))
     levels = [ck.CascadeLevel(torch.tensor([0, batch], **i32), shared),
               ck.CascadeLevel(torch.arange(batch + 1, **i32), mine)]
     q = torch.randn(batch, heads, dim, dtype=torch.bfloat16, device=DEVICE)
-    q_pos = torch.tensor([1000 + n - 1 for n in own], **i32)
+    q_pos = torch.tensor([prompt + n - 1 for n in own], **i32)
+    return levels, q, q_pos, k_cache, v_cache, kv_heads
+
+
+@needs_hopper
+@pytest.mark.parametrize("in_order", [False, True], ids=["shuffled", "page-runs"])
+def test_cascade_shared_level_on_gluon(in_order):
+    """The shared level of ``_shared_prompt`` (pages of 16) is a prefill tile launch over gathered pages,
+    or over 128-row runs of them where the prompt's pages lie in order."""
+    levels, q, q_pos, k_cache, v_cache, kv_heads = _shared_prompt(in_order)
     with pinned_config("prefill", PREFILL_TILE), counting_launches() as counted:
-        plan = ck.plan_cascade(levels, num_q_heads=heads, num_kv_heads=kv_heads, head_dim=dim, page_size=page,
-                               dtype=torch.bfloat16, fold=False)
+        plan = ck.plan_cascade(levels, num_q_heads=q.shape[1], num_kv_heads=kv_heads, head_dim=q.shape[2],
+                               page_size=k_cache.shape[1], dtype=q.dtype, fold=False)
         o, lse = plan.run(q, q_pos, k_cache, v_cache)
     assert counted.calls >= 1, "the shared level did not take the Gluon kernel"
     assert [launch.page_runs for launch in plan.launches if launch.kind == "prefill"] == [in_order]
@@ -140,13 +148,40 @@ def test_cascade_shared_level_on_gluon(in_order):
     check_outputs(o, lse, expected, q)
 
 
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_page_runs_reach_the_gluon_kernel_as_its_own_tiles(block_n, monkeypatch):
+    """The Gluon kernel reads 128-key tiles; a plan finds page runs for its config's ``block_n``. Runs of
+    64-key tiles need not make runs of 128 keys, so such a launch must ask for page-sized copies."""
+    levels, q, q_pos, k_cache, v_cache, kv_heads = _shared_prompt(True, prompt=300, batch=3, dim=64)
+    seen = []
+    real = _gluon.page_rows
+
+    def spy(*args):
+        seen.append(args[-1])  # page_runs
+        return real(*args)
+
+    monkeypatch.setattr(_gluon, "page_rows", spy)
+    tile = TileConfig(128, block_n, 8, 2)
+    with pinned_config("prefill", tile):
+        plan = ck.plan_cascade(levels, num_q_heads=q.shape[1], num_kv_heads=kv_heads, head_dim=q.shape[2],
+                               page_size=k_cache.shape[1], dtype=q.dtype, fold=False)
+        plan.run(q, q_pos, k_cache, v_cache)
+    assert [launch.page_runs for launch in plan.launches if launch.kind == "prefill"] == [True]
+    assert seen[0] is (block_n == 128), seen
+
+
 def _cpu(kv: ck.PagedKV) -> ck.PagedKV:
     return ck.PagedKV(indptr=kv.indptr.cpu(), indices=kv.indices.cpu(), lens=kv.lens.cpu(),
                       start_pos=kv.start_pos.cpu())
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs tensors on a GPU")
-def test_which_launches_take_the_gluon_kernel():
+def test_which_launches_take_the_gluon_kernel(monkeypatch):
+    """The routing rules of ``_gluon.page_rows``, on any device: a Hopper GPU with a Gluon launcher stood in."""
+    monkeypatch.setattr(_gluon, "interpreting", lambda: False)
+    monkeypatch.setattr(_gluon, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(_gluon, "launcher", lambda: object())
+    monkeypatch.delenv("CASCADE_KERNELS_GLUON", raising=False)
+
     def rows(page=16, dim=128, dtype=torch.bfloat16, block_m=128, window=None, softcap=None, sinks=False,
              runs=False, layout="nhd"):
         k = torch.empty(64, page, 2, dim, dtype=dtype, device=DEVICE)
@@ -155,14 +190,27 @@ def test_which_launches_take_the_gluon_kernel():
         q = torch.empty(4, 8, dim, dtype=dtype, device=DEVICE)
         return _gluon.page_rows(q, k, k, dim, block_m, window, softcap, sinks, runs)
 
-    on = HOPPER and _gluon.launcher() is not None
-    assert rows() == 16 * on
-    assert rows(page=8) == 8 * on
-    assert rows(page=64) == 64 * on
+    assert rows() == 16
+    assert rows(page=8) == 8
+    assert rows(page=64) == 64
+    assert rows(dim=64, dtype=torch.float16) == 16
     for kwargs in (dict(page=128), dict(page=256), dict(page=1024), dict(runs=True), dict(page=8, runs=True),
                    dict(page=24, runs=True)):
-        assert rows(**kwargs) == 128 * on, kwargs  # a copy a tile
+        assert rows(**kwargs) == 128, kwargs  # a copy a tile
     for kwargs in (dict(page=24), dict(page=4), dict(page=192), dict(dim=96), dict(dim=256),
                    dict(dtype=torch.float32), dict(block_m=64), dict(window=8), dict(softcap=30.0),
                    dict(sinks=True), dict(layout="hnd"), dict(layout="hnd", page=256)):
         assert rows(**kwargs) == 0, kwargs
+    monkeypatch.setenv("CASCADE_KERNELS_GLUON", "0")
+    assert rows() == 0 and rows(page=256) == 0
+    monkeypatch.setattr(_gluon, "_is_hopper", lambda device: False)
+    monkeypatch.delenv("CASCADE_KERNELS_GLUON")
+    assert rows() == 0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU")
+def test_this_gpu_takes_the_gluon_kernel_where_it_can():
+    k = torch.empty(64, 16, 2, 128, dtype=torch.bfloat16, device=DEVICE)
+    q = torch.empty(4, 8, 128, dtype=torch.bfloat16, device=DEVICE)
+    expected = 16 if HOPPER and _gluon.launcher() is not None else 0
+    assert _gluon.page_rows(q, k, k, 128, 128, None, None, False, False) == expected

@@ -101,9 +101,9 @@ def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem,
 
     The two warpgroups of a program run this side by side, taking turns issuing MMAs (FA3's ping-pong)
     so one's softmax runs while the other's MMAs do: each issues ``P V`` of tile ``j`` and ``Q K^T`` of
-    tile ``j + 1`` as one turn,
-    waiting on ``my_turn`` and then handing the turn over on ``their_turn`` (mbarriers of one arrival);
-    the warpgroup that ``LEADS`` takes the first turn, the other starts by waiting for it.
+    tile ``j + 1`` as one turn, waiting on ``my_turn`` and then handing the turn over on ``their_turn``
+    (mbarriers of one arrival); the warpgroup that ``LEADS`` takes the first turn, the other starts by
+    waiting for it.
     """
     ROWS: gl.constexpr = q_smem.shape[0]
     HEAD_DIM: gl.constexpr = q_smem.shape[1]

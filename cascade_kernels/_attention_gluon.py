@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._attention_kernel import _work_tile
+from ._attention_kernel import _segment_tile, _tile_segment
 
 # Names that moved between the triton versions this was checked with (3.6 first, then 3.9): the CTA-wide
 # barrier, and the block copy into shared memory.
@@ -227,7 +227,9 @@ def _paged_attention_gluon(
     kv_head = pid % num_kv_heads
     split = (pid // num_kv_heads) % num_splits
     tile = pid // (num_kv_heads * num_splits)
-    seg, num_tiles, local, q_start, q_len = _work_tile(tile, tile_indptr_ptr, qo_indptr_ptr, num_segments, 0)
+    seg = _tile_segment(tile, tile_indptr_ptr, num_segments, 0)
+    last = gl.maximum(gl.minimum(seg, num_segments - 1), 0)  # past the last tile the loads stay in the arrays
+    num_tiles, local, q_start, q_len = _segment_tile(last, tile, tile_indptr_ptr, qo_indptr_ptr, 0)
     if seg < num_segments:  # the grid is an upper bound on the number of tiles
         if REVERSE_TILES:
             local = num_tiles - 1 - local

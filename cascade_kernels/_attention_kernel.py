@@ -203,21 +203,16 @@ def _attend_range(
 
 
 @triton.jit
-def _work_tile(tile, tile_indptr_ptr, qo_indptr_ptr, num_segments, DECODE_TILES: tl.constexpr):
-    """The segment owning work tile ``tile``, its number of work tiles, the tile's index among them, and the
-    segment's first query token and token count; ``seg >= num_segments`` past the last tile (the grid is an
-    upper bound). Scalar code, shared by the ``tl`` and the Gluon kernel.
+def _tile_segment(tile, tile_indptr_ptr, num_segments, DECODE_TILES: tl.constexpr):
+    """The segment owning work tile ``tile``; ``>= num_segments`` past the last tile (the grid is an upper
+    bound). Scalar code, shared by the ``tl`` and the Gluon kernel.
 
-    ``DECODE_TILES > 0`` promises one query token a segment in that many tiles: segment and token follow by
+    ``DECODE_TILES > 0`` promises one query token a segment in that many tiles: the segment follows by
     division, with no load. Otherwise a binary search of ``tile_indptr`` (no host-side work list): log2(S)
     loads one after another before anything else can start.
     """
     if DECODE_TILES > 0:
         seg = tile // DECODE_TILES
-        num_tiles = tile * 0 + DECODE_TILES
-        local = tile % DECODE_TILES
-        q_start = seg
-        q_len = seg * 0 + 1
     else:
         lo_s = 0
         hi_s = num_segments
@@ -228,13 +223,29 @@ def _work_tile(tile, tile_indptr_ptr, qo_indptr_ptr, num_segments, DECODE_TILES:
             else:
                 hi_s = mid
         seg = lo_s
-        last = tl.maximum(tl.minimum(seg, num_segments - 1), 0)  # loads stay inside the arrays past the end
-        first_tile = tl.load(tile_indptr_ptr + last)
-        num_tiles = tl.load(tile_indptr_ptr + last + 1) - first_tile
+    return seg
+
+
+@triton.jit
+def _segment_tile(seg, tile, tile_indptr_ptr, qo_indptr_ptr, DECODE_TILES: tl.constexpr):
+    """Of work tile ``tile`` in segment ``seg`` (a real one: ``seg < num_segments``): the segment's number of
+    work tiles, the tile's index among them, and the segment's first query token and token count.
+
+    A kernel returns past the last tile before calling this: Triton 3.9 does not software-pipeline the KV
+    loop of the ``tl`` kernel when these loads come before that return (``tests/test_sm90_compile.py``).
+    """
+    if DECODE_TILES > 0:
+        num_tiles = tile * 0 + DECODE_TILES
+        local = tile % DECODE_TILES
+        q_start = seg
+        q_len = seg * 0 + 1
+    else:
+        first_tile = tl.load(tile_indptr_ptr + seg)
+        num_tiles = tl.load(tile_indptr_ptr + seg + 1) - first_tile
         local = tile - first_tile
-        q_start = tl.load(qo_indptr_ptr + last)
-        q_len = tl.load(qo_indptr_ptr + last + 1) - q_start
-    return seg, num_tiles, local, q_start, q_len
+        q_start = tl.load(qo_indptr_ptr + seg)
+        q_len = tl.load(qo_indptr_ptr + seg + 1) - q_start
+    return num_tiles, local, q_start, q_len
 
 
 # Batch-dependent integers are not specialized (Triton would otherwise compile a new variant when, say,
@@ -279,10 +290,10 @@ def _paged_attention_kernel(
     split = (pid // num_kv_heads) % num_splits
     tile = pid // (num_kv_heads * num_splits)
 
-    seg, num_tiles, local, q_start, q_len = _work_tile(tile, tile_indptr_ptr, qo_indptr_ptr, num_segments,
-                                                       DECODE_TILES)
+    seg = _tile_segment(tile, tile_indptr_ptr, num_segments, DECODE_TILES)
     if seg >= num_segments:
         return  # the grid is an upper bound on the number of tiles
+    num_tiles, local, q_start, q_len = _segment_tile(seg, tile, tile_indptr_ptr, qo_indptr_ptr, DECODE_TILES)
     if REVERSE_TILES:
         local = num_tiles - 1 - local  # causal: the last rows see the most keys, start them first
 

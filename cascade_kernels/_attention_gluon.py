@@ -40,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._attention_kernel import _segment_tile, _tile_segment
+from ._attention_kernel import _causal_kv_range, _segment_tile, _tile_segment
 
 # Names that moved between the triton versions this was checked with (3.6 first, then 3.9): the CTA-wide
 # barrier, and the block copy into shared memory.
@@ -244,8 +244,7 @@ def _paged_attention_gluon(
         if CAUSAL:
             q_max = gl.max(gl.where(row_ok_m, q_pos, -2147483647), 0)
             q_min = gl.min(gl.where(row_ok_m, q_pos, 2147483647), 0)
-            hi = gl.minimum(kv_len, gl.maximum(q_max - kv_start + 1, 0))
-            full_hi = gl.minimum(hi, gl.maximum(q_min - kv_start + 1, 0))
+            hi, full_hi = _causal_kv_range(q_min, q_max, kv_len, kv_start)
         per_split = gl.cdiv(gl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N
         a = gl.minimum(split * per_split, hi)
         b = gl.minimum(a + per_split, hi)

@@ -227,6 +227,16 @@ def _tile_segment(tile, tile_indptr_ptr, num_segments, DECODE_TILES: tl.constexp
 
 
 @triton.jit
+def _causal_kv_range(q_min, q_max, kv_len, kv_start):
+    """Causal masking of a tile whose queries sit at positions ``q_min .. q_max`` over a segment of ``kv_len``
+    keys from position ``kv_start``: the keys ``[0, hi)`` some query sees and ``[0, full_hi)`` every query
+    sees. Scalar code, shared by the ``tl`` and the Gluon kernel."""
+    hi = tl.minimum(kv_len, tl.maximum(q_max - kv_start + 1, 0))
+    full_hi = tl.minimum(hi, tl.maximum(q_min - kv_start + 1, 0))
+    return hi, full_hi
+
+
+@triton.jit
 def _segment_tile(seg, tile, tile_indptr_ptr, qo_indptr_ptr, DECODE_TILES: tl.constexpr):
     """Of work tile ``tile`` in segment ``seg`` (a real one: ``seg < num_segments``): the segment's number of
     work tiles, the tile's index among them, and the segment's first query token and token count.
@@ -317,8 +327,7 @@ def _paged_attention_kernel(
     if CAUSAL:
         q_max = tl.max(tl.where(row_ok, q_pos, -2147483647), 0)
         q_min = tl.min(tl.where(row_ok, q_pos, 2147483647), 0)
-        hi = tl.minimum(kv_len, tl.maximum(q_max - kv_start + 1, 0))
-        full_hi = tl.minimum(hi, tl.maximum(q_min - kv_start + 1, 0))
+        hi, full_hi = _causal_kv_range(q_min, q_max, kv_len, kv_start)
         if HAS_WINDOW:
             lo = tl.minimum(tl.maximum(q_min - window_left - kv_start, 0), hi)
             full_lo = tl.minimum(tl.maximum(q_max - window_left - kv_start, lo), hi)

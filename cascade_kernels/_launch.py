@@ -8,9 +8,16 @@ slow path once per new key, and afterwards calls the compiled kernel's launcher 
 arguments ``JITFunction.run`` passes it in triton 3.6 to 3.9 (the versions this was checked against).
 With any other version, under the interpreter, or if the compiled kernel does not look as expected,
 every launch goes through ``kernel[grid](...)``.
+
+A caller that repeats the same launches with other tensors of the same layout (a cascade plan, run once
+per layer) can record them (``recording``) and replay each as a ``Bound``: the launch's arguments kept, the
+recorded tensors swapped for the new ones, no key and no argument building.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 import triton
@@ -21,6 +28,7 @@ from ._triton import interpreting, version_tuple
 _INT32 = (-(2**31), 2**31)
 _CHECKED_VERSIONS = ((3, 6), (3, 9))
 _MAX_ENTRIES = 4096  # a guard against unbounded growth (say, strides of ever-new shapes); cleared when full
+_RECORDING: contextvars.ContextVar = contextvars.ContextVar("cascade_kernels_recording", default=None)
 
 
 def fast_launch_supported() -> bool:
@@ -73,8 +81,11 @@ class Launcher:
             kwargs["num_warps"] = num_warps
         if num_stages is not None:
             kwargs["num_stages"] = num_stages
+        recording = _RECORDING.get()
         if not self.fast:
             self.fn[grid](*args, **kwargs)
+            if recording is not None:
+                recording.complete = False
             return
         if len(args) != self.num_runtime:
             raise TypeError(f"{self.fn.__name__}: expected {self.num_runtime} runtime arguments, got {len(args)}")
@@ -88,11 +99,17 @@ class Launcher:
                 entry = (kernel.run, kernel.function, kernel.packed_metadata, kernel.launch_metadata)
             except AttributeError:  # not the CompiledKernel this was written against
                 self.fast = False
+                if recording is not None:
+                    recording.complete = False
                 return
             if len(self.cache) >= _MAX_ENTRIES:
                 self.cache.clear()
             self.cache[key] = entry
+            if recording is not None:
+                recording.add(entry, grid, args + constexprs, device)
             return
+        if recording is not None:
+            recording.add(entry, grid, args + constexprs, device)
         run, function, packed_metadata, launch_metadata = entry
         stream = driver.active.get_current_stream(device)
         full = args + constexprs
@@ -100,3 +117,69 @@ class Launcher:
         run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function,
             packed_metadata, launch_metadata(grid, stream, *full), hooks.launch_enter_hook, hooks.launch_exit_hook,
             *full)
+
+
+class Bound:
+    """One recorded launch: the compiled kernel and its arguments, with the places (``slots``) where the
+    recording's tensors stand. ``bound(tensors)`` launches again with ``tensors[j]`` in each such place,
+    on the device's current stream; valid while every tensor keeps the dtype, shape, strides and 16-byte
+    alignment the recorded one had (what Triton and the launch decisions looked at: the caller keys it)."""
+
+    __slots__ = ("run", "function", "packed_metadata", "launch_metadata", "grid", "grid3", "args", "slots",
+                 "device")
+
+    def __init__(self, entry, grid, args, slots, device):
+        self.run, self.function, self.packed_metadata, self.launch_metadata = entry
+        self.grid = grid
+        self.grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        self.args, self.slots, self.device = args, slots, device
+
+    def __call__(self, tensors):
+        args = list(self.args)
+        for place, j in self.slots:
+            args[place] = tensors[j]
+        stream = driver.active.get_current_stream(self.device)
+        hooks = triton.knobs.runtime
+        self.run(*self.grid3, stream, self.function, self.packed_metadata,
+                 self.launch_metadata(self.grid, stream, *args), hooks.launch_enter_hook, hooks.launch_exit_hook,
+                 *args)
+
+
+class Recording:
+    """The launches made while recording, in order (``launches``); ``complete`` is False where one of them
+    did not take the direct path (and so cannot be replayed)."""
+
+    def __init__(self, tensors):
+        self.tensors = tuple(tensors)
+        self.launches: list[Bound] = []
+        self.complete = fast_launch_supported()
+
+    def add(self, entry, grid, args, device):
+        slots = []
+        for place, arg in enumerate(args):
+            for j, tensor in enumerate(self.tensors):
+                if arg is tensor:
+                    slots.append((place, j))
+                    break
+        self.launches.append(Bound(entry, grid, args, tuple(slots), device))
+
+
+@contextlib.contextmanager
+def recording(tensors):
+    """Record every direct launch inside the block (``Recording``), noting where ``tensors`` are passed."""
+    rec = Recording(tensors)
+    token = _RECORDING.set(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDING.reset(token)
+
+
+def layout_key(tensors) -> tuple:
+    """What a recorded launch depends on in its tensors: dtype, shape, strides, 16-byte alignment, and which
+    of them are one tensor (a replay puts ``tensors[j]`` wherever the recording had its j-th tensor)."""
+    key = []
+    for i, t in enumerate(tensors):
+        alias = next(j for j in range(i + 1) if tensors[j] is t)
+        key.append((t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0, alias))
+    return tuple(key)

@@ -8,9 +8,13 @@ import triton
 import triton.language as tl
 
 
+# Triton makes a kernel interpreted or compiled when it is defined (at import of this package): read once.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when kernels run on the CPU through ``TRITON_INTERPRET=1``."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when kernels run on the CPU through ``TRITON_INTERPRET=1`` (as set when this package was imported)."""
+    return _INTERPRETING
 
 
 def version_tuple(version: str) -> tuple[int, int]:

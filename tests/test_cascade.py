@@ -9,7 +9,9 @@ What is held, on layouts drawn by hypothesis:
   level with the whole KV gives, kernel against kernel and both against the reference;
 * a cascade equals the flat layout (one segment per request with all its KV);
 * ``plan_cascade(...).run`` equals ``cascade_attention``, runs again with new queries, positions and
-  cache contents, and writes every element of ``out=`` and nothing around it;
+  cache contents, and writes every element of ``out=`` and nothing around it; a plan's runs on inputs of
+  changing layouts (misaligned, strided, aliased) each give their reference (replaying recorded launches
+  only for a layout like the last one's);
 * on a GPU, ``plan.run`` captured in a CUDA graph and replayed with new inputs.
 
 Explicit cases: the FlashInfer-style comparison of three, two and one level at lengths 17 and 37 and page
@@ -25,6 +27,7 @@ from hypothesis import strategies as st
 
 import cascade_kernels as ck
 import reference
+from cascade_kernels import _launch
 from conftest import DEVICE, LARGE, assert_close, poison
 from strategies import _CacheBuilder, _paged_kv, cascade_problem, partition_problem
 from test_prefill import check_outputs, check_same, dirty_device_memory, fewer
@@ -126,6 +129,62 @@ def test_run_writes_every_output_element(p, strided):
     assert o.data_ptr() == out[0].data_ptr() and lse.data_ptr() == out[1].data_ptr()
     check_outputs(out[0], out[1], reference_cascade(p), p.q, msg=f"strided={strided} {p!r}")
     assert bool(torch.isnan(rest[0]).all()) and bool(torch.isnan(rest[1]).all()), "wrote outside out="
+
+
+def _misaligned(t):
+    """``t``'s values in a view whose data starts one element past a 16-byte boundary."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = storage[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def _strided_cache(cache):
+    """``cache``'s values in a view into a buffer twice as wide along head_dim (other strides)."""
+    wide = poison(torch.empty(*cache.shape[:3], 2 * cache.shape[3], dtype=cache.dtype, device=cache.device))
+    view = wide[..., : cache.shape[3]]
+    view.copy_(cache)
+    return view
+
+
+@fewer(2)
+@given(cascade_problem(allow_gaps=True), st.integers(0, 2**32 - 1))
+def test_plan_runs_inputs_of_every_layout(p, seed):
+    """One plan run on inputs laid out in turn as before (new tensors), with q misaligned, with strided
+    caches, with one tensor for both caches, and as at first again: each run gives its inputs' reference.
+    Where launches are direct (a GPU), a run laid out as the one before replays its recorded launches and
+    every other run launches anew."""
+    plan = plan_for(p)
+    replays = []
+    original = _launch.Bound.__call__
+    gen = torch.Generator().manual_seed(seed)
+
+    def fresh_q():
+        return torch.randn(p.q.shape, generator=gen).to(p.dtype).to(DEVICE)
+
+    def fresh():  # new tensors, laid out alike (fresh allocations: aligned, the problem's strides)
+        return fresh_q(), refill(p.k_cache, gen), refill(p.v_cache, gen)
+
+    same_cache = refill(p.k_cache, gen)
+    runs = [
+        ("first", *fresh(), False),
+        ("same layout", *fresh(), True),
+        ("q misaligned", _misaligned(fresh_q()), *fresh()[1:], False),
+        ("strided caches", fresh_q(), _strided_cache(p.k_cache), _strided_cache(p.v_cache), False),
+        ("one tensor for k and v", fresh_q(), same_cache, same_cache, False),
+        ("k and v apart again", *fresh(), False),
+        ("first layout again", *fresh(), True),
+    ]
+    for name, q, k_cache, v_cache, replayed in runs:
+        before = len(replays)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_launch.Bound, "__call__", lambda self, tensors: (replays.append(1), original(self, tensors)))
+            o, lse = plan.run(q, p.q_pos, k_cache, v_cache)
+        check_outputs(o, lse, reference_cascade(p, q, p.q_pos, k_cache, v_cache), q, msg=f"{name}: {p!r}")
+        if _launch.fast_launch_supported() and p.q.shape[0] > 0:
+            assert (len(replays) > before) == replayed, f"{name}: replayed={not replayed}"
+        else:
+            assert len(replays) == before, "replayed launches that were not direct"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -8,6 +8,7 @@ import torch
 
 import cascade_kernels as ck
 import reference
+from cascade_kernels import _launch
 from cascade_kernels._launch import Launcher
 from conftest import DEVICE, assert_close, poison
 
@@ -82,3 +83,76 @@ def test_cached_launches_follow_alignment_and_strides(dtype):
         got_o, got_lse = ck.merge_states(o, lse, out=out)
         assert_close(got_o, want_o, dtype, "o")
         assert_close(got_lse, want_lse, dtype, "lse")
+
+
+class _FakeDriver:
+    """Stands in for ``triton.runtime.driver`` so that recorded launches run anywhere."""
+
+    class active:
+        @staticmethod
+        def get_current_device():
+            return 0
+
+        @staticmethod
+        def get_current_stream(device):
+            return 7
+
+
+def _fake_entry(calls):
+    def run(*args):
+        calls.append(args)
+
+    return (run, "function", "metadata", lambda grid, stream, *args: None)
+
+
+def test_recorded_launches_replay_with_the_new_tensors(monkeypatch):
+    """A launch recorded with tensors ``(x, y)`` replays with other tensors in exactly their places
+    (``x`` passed twice: both places), every other argument and the grid as recorded."""
+    monkeypatch.setattr(_launch, "driver", _FakeDriver)
+    monkeypatch.setattr(_launch, "fast_launch_supported", lambda: True)
+    calls = []
+    launcher = _launcher()
+    x, y, other = torch.randn(8), torch.randn(8), torch.randn(8)
+    launcher.cache[launcher._key((x, 64, 3, 0.5), None, None, (32,), 0)] = _fake_entry(calls)
+    with _launch.recording((x, y)) as rec:
+        launcher((5,), x, 64, 3, 0.5, BLOCK=32)
+    assert rec.complete and len(rec.launches) == 1 and len(calls) == 1
+    new_x, new_y = torch.randn(8), torch.randn(8)
+    rec.launches[0]((new_x, new_y))
+    first, replay = calls
+    assert first[:7] == replay[:7] == (5, 1, 1, 7, "function", "metadata", None) and first[7:9] == replay[7:9]
+    assert first[9] is x and replay[9] is new_x and first[10:] == replay[10:] == (64, 3, 0.5, 32)
+
+    with _launch.recording((x, other)) as rec:  # a tensor not among the arguments: no place
+        launcher((5,), x, 64, 3, 0.5, BLOCK=32)
+    assert rec.launches[0].slots == ((0, 0),)
+
+
+def test_a_launch_off_the_direct_path_leaves_the_recording_incomplete(monkeypatch):
+    monkeypatch.setattr(_launch, "driver", _FakeDriver)
+    monkeypatch.setattr(_launch, "fast_launch_supported", lambda: True)
+    launched = []
+
+    class Fn(_Fn):
+        def __class_getitem__(cls, grid):
+            return lambda *args, **kwargs: launched.append(args)
+
+    launcher = _launcher()
+    launcher.fn, launcher.fast = Fn, False
+    x = torch.randn(8)
+    with _launch.recording((x,)) as rec:
+        launcher((5,), x, 64, 3, 0.5, BLOCK=32)
+    assert launched and not rec.complete
+
+
+def test_layout_key_tells_apart_what_a_replay_depends_on():
+    buf = torch.randn(80, dtype=torch.float16)
+    a, k = buf[:32].view(4, 8), torch.randn(2, 4, 8, dtype=torch.float16)
+    key = _launch.layout_key
+    k2 = k.clone()
+    assert key((a, k, k)) == key((buf[8:40].view(4, 8), k2, k2))  # new tensors, same layout
+    assert key((a, k, k)) != key((buf[1:33].view(4, 8), k, k))  # misaligned
+    assert key((a, k, k)) != key((a.float(), k, k))  # dtype
+    assert key((a, k, k)) != key((buf[:64].view(4, 16)[:, :8], k, k))  # strides
+    assert key((a, k, k)) != key((a, k, k.clone()))  # k and v one tensor, then two
+    assert key((a, k, k)) != key((buf[:40].view(5, 8), k, k))  # shape

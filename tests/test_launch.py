@@ -1,5 +1,7 @@
 """The direct launch path (``cascade_kernels._launch``): its cache key never merges two argument lists that
-Triton would compile differently, and cached launches compute what first launches compute."""
+Triton would compile differently, cached launches compute what first launches compute, and a recorded
+launch replays with new tensors in exactly the recorded ones' places (the layout key telling apart every
+input a replay depends on). The plan-level replay is tested in ``test_cascade.py``."""
 
 from __future__ import annotations
 

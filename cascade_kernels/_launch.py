@@ -161,7 +161,9 @@ class Recording:
                 if arg is tensor:
                     slots.append((place, j))
                     break
-        self.launches.append(Bound(entry, grid, args, tuple(slots), device))
+        # the recorded tensors' places are filled at every replay: keep no reference to them
+        kept = tuple(None if any(place == p for p, _ in slots) else arg for place, arg in enumerate(args))
+        self.launches.append(Bound(entry, grid, kept, tuple(slots), device))
 
 
 @contextlib.contextmanager

@@ -119,6 +119,7 @@ def test_recorded_launches_replay_with_the_new_tensors(monkeypatch):
     with _launch.recording((x, y)) as rec:
         launcher((5,), x, 64, 3, 0.5, BLOCK=32)
     assert rec.complete and len(rec.launches) == 1 and len(calls) == 1
+    assert rec.launches[0].args[0] is None, "a recorded launch keeps the recorded tensor alive"
     new_x, new_y = torch.randn(8), torch.randn(8)
     rec.launches[0]((new_x, new_y))
     first, replay = calls

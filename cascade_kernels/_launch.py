@@ -92,6 +92,7 @@ class Launcher:
         constexprs = tuple(kwargs[name] for name in self.constexpr_names)
         device = driver.active.get_current_device()
         key = self._key(args, num_warps, num_stages, constexprs, device)
+        full = args + constexprs
         entry = self.cache.get(key)
         if entry is None:
             kernel = self.fn[grid](*args, **kwargs)
@@ -105,18 +106,21 @@ class Launcher:
             if len(self.cache) >= _MAX_ENTRIES:
                 self.cache.clear()
             self.cache[key] = entry
-            if recording is not None:
-                recording.add(entry, grid, args + constexprs, device)
-            return
+        else:
+            _launch_compiled(entry, grid, full, device)
         if recording is not None:
-            recording.add(entry, grid, args + constexprs, device)
-        run, function, packed_metadata, launch_metadata = entry
-        stream = driver.active.get_current_stream(device)
-        full = args + constexprs
-        hooks = triton.knobs.runtime
-        run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function,
-            packed_metadata, launch_metadata(grid, stream, *full), hooks.launch_enter_hook, hooks.launch_exit_hook,
-            *full)
+            recording.add(entry, grid, full, device)
+
+
+def _launch_compiled(entry, grid, full, device):
+    """Launch a compiled kernel (``entry``: its launcher, function, metadata and metadata hook) on the device's
+    current stream with its runtime and constexpr arguments ``full``, as ``JITFunction.run`` does."""
+    run, function, packed_metadata, launch_metadata = entry
+    stream = driver.active.get_current_stream(device)
+    hooks = triton.knobs.runtime
+    run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function,
+        packed_metadata, launch_metadata(grid, stream, *full), hooks.launch_enter_hook, hooks.launch_exit_hook,
+        *full)
 
 
 class Bound:
@@ -125,24 +129,16 @@ class Bound:
     on the device's current stream; valid while every tensor keeps the dtype, shape, strides and 16-byte
     alignment the recorded one had (what Triton and the launch decisions looked at: the caller keys it)."""
 
-    __slots__ = ("run", "function", "packed_metadata", "launch_metadata", "grid", "grid3", "args", "slots",
-                 "device")
+    __slots__ = ("entry", "grid", "args", "slots", "device")
 
     def __init__(self, entry, grid, args, slots, device):
-        self.run, self.function, self.packed_metadata, self.launch_metadata = entry
-        self.grid = grid
-        self.grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-        self.args, self.slots, self.device = args, slots, device
+        self.entry, self.grid, self.args, self.slots, self.device = entry, grid, args, slots, device
 
     def __call__(self, tensors):
         args = list(self.args)
         for place, j in self.slots:
             args[place] = tensors[j]
-        stream = driver.active.get_current_stream(self.device)
-        hooks = triton.knobs.runtime
-        self.run(*self.grid3, stream, self.function, self.packed_metadata,
-                 self.launch_metadata(self.grid, stream, *args), hooks.launch_enter_hook, hooks.launch_exit_hook,
-                 *args)
+        _launch_compiled(self.entry, self.grid, args, self.device)
 
 
 class Recording:
@@ -155,15 +151,13 @@ class Recording:
         self.complete = fast_launch_supported()
 
     def add(self, entry, grid, args, device):
-        slots = []
+        kept, slots = list(args), []
         for place, arg in enumerate(args):
-            for j, tensor in enumerate(self.tensors):
-                if arg is tensor:
-                    slots.append((place, j))
-                    break
-        # the recorded tensors' places are filled at every replay: keep no reference to them
-        kept = tuple(None if any(place == p for p, _ in slots) else arg for place, arg in enumerate(args))
-        self.launches.append(Bound(entry, grid, kept, tuple(slots), device))
+            j = next((j for j, tensor in enumerate(self.tensors) if arg is tensor), None)
+            if j is not None:
+                slots.append((place, j))
+                kept[place] = None  # filled at every replay: no reference kept to the recorded tensor
+        self.launches.append(Bound(entry, grid, tuple(kept), tuple(slots), device))
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton import dot
+from ._triton import dot, launch_dependents
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -284,15 +284,17 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     PAGE_ALIGNED: tl.constexpr, REVERSE_TILES: tl.constexpr, PREFETCH: tl.constexpr, LOOKAHEAD: tl.constexpr,
-    TMA: tl.constexpr, DECODE_TILES: tl.constexpr, INTERPRET: tl.constexpr,
+    TMA: tl.constexpr, DECODE_TILES: tl.constexpr, INTERPRET: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     """Grid ``(work tiles * num_kv_heads * num_splits,)``. Writes normalised ``o`` and natural-log ``lse`` of
     its rows for its split (slot ``slot_offset + split``); the wrapper merges splits when there are several.
+    ``LAUNCH_DEPENDENTS``: the merge after it may start its programs early (``_triton.launch_dependents``).
     """
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads HEAD_DIM")
     tl.static_assert(not TMA or (PAGE_ALIGNED and not PREFETCH), "block copies need page-aligned tiles")
     tl.static_assert(not (PREFETCH and LOOKAHEAD), "register prefetch already reads a tile ahead")
+    launch_dependents(LAUNCH_DEPENDENTS)
     # One flat grid, KV head fastest, then split, then work tile: the programs that run side by side
     # read the same pages (each head's slice of them), so a page is fetched from DRAM while it is hot.
     pid = tl.program_id(0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import torch
 import triton
@@ -37,10 +38,23 @@ def fast_launch_supported() -> bool:
     return not interpreting() and low <= version_tuple(triton.__version__) <= high and hasattr(triton, "knobs")
 
 
+def dependent_launch(device: torch.device) -> bool:
+    """Whether a kernel on ``device`` may be launched as a programmatic dependent of the one before it
+    (``launch_pdl``: it starts while that one runs and waits inside for its results, which hides the gap between
+    the two launches): compiled kernels on a GPU of compute capability 9 or later."""
+    return device.type == "cuda" and fast_launch_supported() and _capability(device) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
 class Launcher:
-    """``Launcher(jit_fn)(grid, *runtime_args, num_warps=None, num_stages=None, **constexprs)`` launches
-    ``jit_fn`` (``None``: Triton's default). Runtime arguments are positional, in signature order, and
-    precede every constexpr, which are all passed by name."""
+    """``Launcher(jit_fn)(grid, *runtime_args, num_warps=None, num_stages=None, launch_pdl=False, **constexprs)``
+    launches ``jit_fn`` (``None``: Triton's default; ``launch_pdl``: as a programmatic dependent of the
+    stream's previous kernel, see ``dependent_launch``). Runtime arguments are positional, in signature order,
+    and precede every constexpr, which are all passed by name."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -58,10 +72,10 @@ class Launcher:
         self.unspecialized = tuple(p.do_not_specialize for p in runtime)
         self.num_runtime = len(runtime)
 
-    def _key(self, args, num_warps, num_stages, constexprs, device):
+    def _key(self, args, num_warps, num_stages, constexprs, device, launch_pdl=False):
         """One entry per runtime argument: finer than Triton's specialization, never coarser. The common
         classes are tested first by identity (ints are most of the arguments)."""
-        key = [device, num_warps, num_stages, constexprs]
+        key = [device, num_warps, num_stages, launch_pdl, constexprs]
         append = key.append
         low, high = _INT32
         for a, unspecialized in zip(args, self.unspecialized):
@@ -76,11 +90,13 @@ class Launcher:
                 append((cls, a))
         return tuple(key)
 
-    def __call__(self, grid, *args, num_warps=None, num_stages=None, **kwargs):
+    def __call__(self, grid, *args, num_warps=None, num_stages=None, launch_pdl=False, **kwargs):
         if num_warps is not None:
             kwargs["num_warps"] = num_warps
         if num_stages is not None:
             kwargs["num_stages"] = num_stages
+        if launch_pdl:
+            kwargs["launch_pdl"] = True
         recording = _RECORDING.get()
         if not self.fast:
             self.fn[grid](*args, **kwargs)
@@ -91,7 +107,7 @@ class Launcher:
             raise TypeError(f"{self.fn.__name__}: expected {self.num_runtime} runtime arguments, got {len(args)}")
         constexprs = tuple(kwargs[name] for name in self.constexpr_names)
         device = driver.active.get_current_device()
-        key = self._key(args, num_warps, num_stages, constexprs, device)
+        key = self._key(args, num_warps, num_stages, constexprs, device, launch_pdl)
         full = args + constexprs
         entry = self.cache.get(key)
         if entry is None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._triton import wait_for_prior
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -47,13 +49,17 @@ def _merge_states_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WAIT_FOR_PRIOR: tl.constexpr,
 ):
     """One program merges the ``k`` states of row ``n`` for ``BLOCK_H`` heads, vectorised over D.
+    ``WAIT_FOR_PRIOR``: launched as the programmatic dependent of the kernel that wrote the states
+    (``_triton.wait_for_prior``).
 
     ``BLOCK_K`` states are loaded at once: 1 for many rows (each program streams its states one by one,
     and many programs keep the memory busy), more for the few long rows of a split-KV merge, where
     a loop of one dependent load per state would expose the load latency ``k`` times.
     """
+    wait_for_prior(WAIT_FOR_PRIOR)
     row = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)

@@ -7,6 +7,11 @@ import os
 import triton
 import triton.language as tl
 
+try:  # grid dependency control (triton 3.4 on); ``_launch.dependent_launch`` turns it on for checked versions only
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
 
 # Triton makes a kernel interpreted or compiled when it is defined (at import of this package): read once.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -66,3 +71,20 @@ def dot(a, b, acc, INTERPRET: tl.constexpr):
     if a.dtype == tl.float32:
         return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def launch_dependents(ENABLED: tl.constexpr):
+    """Let the stream's next launch, where it is a programmatic dependent one (``launch_pdl``), start its
+    programs now, beside this kernel's, instead of at its end (Hopper's grid dependency control). Called first
+    thing by every program; without a dependent launch next, nothing happens."""
+    if ENABLED:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def wait_for_prior(ENABLED: tl.constexpr):
+    """In a programmatic dependent launch: wait until the kernel before it on the stream has finished and its
+    writes are visible. Called before the first load of anything that kernel wrote."""
+    if ENABLED:
+        gdc_wait()

@@ -18,7 +18,7 @@ import torch
 from . import _gluon
 from . import configs as _configs
 from ._attention_kernel import _paged_attention_kernel
-from ._launch import Launcher
+from ._launch import Launcher, dependent_launch
 from ._tma import ensure_allocator, rows_contiguous, tma_usable
 from ._triton import cdiv, interpreting, padded
 from ._validation import FLOAT_DTYPES, check_head_counts, check_indptr, check_options, check_tensor
@@ -247,7 +247,7 @@ def launch_attention(
         PAGE_ALIGNED=page_runs or geometry.page_size % config.block_n == 0, REVERSE_TILES=reverse_tiles,
         PREFETCH=config.prefetch, LOOKAHEAD=config.lookahead,
         TMA=tma, DECODE_TILES=decode_tiles, INTERPRET=interpreting(),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        LAUNCH_DEPENDENTS=dependent_launch(q.device), num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
@@ -269,7 +269,7 @@ def _run(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geom
     launch_attention(q, q_pos, qo_indptr, tile_indptr, num_tiles, k_cache, v_cache, kv, geometry, options,
                      config, num_splits, o_part, lse_part, apply_sinks=False, reverse_tiles=reverse_tiles,
                      decode_tiles=decode_tiles)
-    return _launch_merge_states(o_part, lse_part, (o, lse), options.sinks)
+    return _launch_merge_states(o_part, lse_part, (o, lse), options.sinks, dependent=True)
 
 
 def paged_prefill(q, q_pos, qo_indptr, k_cache, v_cache, kv, *, causal=True, sm_scale=None, window_left=None,

@@ -199,7 +199,7 @@ class CascadePlan:
             return
         for launch in self.launches:
             self._launch(launch, q, q_pos, k_cache, v_cache, self.o_part, self.lse_part, apply_sinks=False)
-        _launch_merge_states(self.o_part, self.lse_part, (o, lse), self.options.sinks)
+        _launch_merge_states(self.o_part, self.lse_part, (o, lse), self.options.sinks, dependent=True)
 
     def _launch(self, launch: LevelLaunch, q, q_pos, k_cache, v_cache, o, lse, apply_sinks):
         if launch.num_tiles == 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import Launcher
+from ._launch import Launcher, dependent_launch
 from ._merge_kernels import _merge_states_kernel, _merge_two_kernel
 from ._triton import cdiv, interpreting, padded
 from ._validation import FLOAT_DTYPES, check_tensor
@@ -147,8 +147,13 @@ def merge_states(o, lse, *, out=None):
     return _launch_merge_states(o, lse, _check_out(out, n, num_heads, head_dim, o.device), sinks=None)
 
 
-def _launch_merge_states(o, lse, out, sinks, out_dtype=None):
-    """Launch the k-way merge (no argument checks). ``sinks`` ``[H]`` fp32 adds one zero-valued logit per head."""
+def _launch_merge_states(o, lse, out, sinks, out_dtype=None, dependent=False):
+    """Launch the k-way merge (no argument checks). ``sinks`` ``[H]`` fp32 adds one zero-valued logit per head.
+
+    ``dependent``: ``o``/``lse`` were written by the attention launch just before on this stream; where the GPU
+    allows (``_launch.dependent_launch``) the merge is launched as its programmatic dependent, so its programs
+    are resident and waiting when the last attention program ends instead of launched after it (an H200 took
+    ~2.7 us from one to the other)."""
     n, k, num_heads, head_dim = o.shape
     if out is None:
         out = (torch.empty((n, num_heads, head_dim), dtype=out_dtype or o.dtype, device=o.device),
@@ -158,10 +163,12 @@ def _launch_merge_states(o, lse, out, sinks, out_dtype=None):
         return o_out, lse_out
     block_h, block_k, block_d, num_warps = _states_blocking(n, k, num_heads, head_dim)
     grid = (n, cdiv(num_heads, block_h))
+    dependent = dependent and dependent_launch(o.device)
     _MERGE_STATES(
         grid, o, lse, sinks if sinks is not None else lse, o_out, lse_out,
         k, num_heads, head_dim,
         *o.stride(), *lse.stride(), *o_out.stride(), *lse_out.stride(),
-        HAS_SINKS=sinks is not None, BLOCK_K=block_k, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_SINKS=sinks is not None, BLOCK_K=block_k, BLOCK_H=block_h, BLOCK_D=block_d, WAIT_FOR_PRIOR=dependent,
+        num_warps=num_warps, launch_pdl=dependent,
     )
     return o_out, lse_out

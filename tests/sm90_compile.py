@@ -32,7 +32,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory one program may opt into on an H10
 
 _BASE = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False,
              HAS_SINKS=False, PAGE_ALIGNED=False, REVERSE_TILES=False, PREFETCH=False, LOOKAHEAD=False,
-             TMA=False, DECODE_TILES=0, INTERPRET=False)
+             TMA=False, DECODE_TILES=0, INTERPRET=False, LAUNCH_DEPENDENTS=False)
 
 # name -> (dtype, constexprs over _BASE, num_warps, num_stages): the shipped H200 tiles and the paths
 # between them (row gathers, block copies, register prefetch, padded head dim with every option).
@@ -42,7 +42,8 @@ CASES = {
                                                  PAGE_ALIGNED=True, TMA=True), 8, 3),
     "prefill-gather-5-stages": ("bf16", dict(BLOCK_M=128, BLOCK_N=64, REVERSE_TILES=True), 8, 5),
     "prefill-d256": ("bf16", dict(BLOCK_M=128, BLOCK_N=64, HEAD_DIM=256, BLOCK_D=256, REVERSE_TILES=True), 8, 2),
-    "decode-blockcopy": ("bf16", dict(BLOCK_M=16, BLOCK_N=16, PAGE_ALIGNED=True, TMA=True, DECODE_TILES=1), 1, 6),
+    "decode-blockcopy": ("bf16", dict(BLOCK_M=16, BLOCK_N=16, PAGE_ALIGNED=True, TMA=True, DECODE_TILES=1,
+                                      LAUNCH_DEPENDENTS=True), 1, 6),
     "decode-prefetch": ("bf16", dict(BLOCK_M=16, BLOCK_N=64, PREFETCH=True, DECODE_TILES=1), 4, 2),
     "options-fp16-d96": ("fp16", dict(BLOCK_M=64, BLOCK_N=32, HEAD_DIM=96, HAS_WINDOW=True, HAS_SOFTCAP=True,
                                       HAS_SINKS=True, LOOKAHEAD=True), 4, 3),
@@ -124,7 +125,8 @@ def _report(name: str, kernel) -> dict:
     return dict(case=name, **_resources(kernel.asm["cubin"]), shared=kernel.metadata.shared, smem_limit=SMEM_LIMIT,
                 row_copies=len(re.findall(r"cp\.async\.c[ag]", ptx)), pipelined=any(w > 0 for w in waits),
                 block_copies=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-                warp_specialized=bool(re.search(r"setmaxnreg", ptx)), triton=triton.__version__)
+                warp_specialized=bool(re.search(r"setmaxnreg", ptx)),
+                launches_dependents="griddepcontrol.launch_dependents" in ptx, triton=triton.__version__)
 
 
 def _resources(cubin: bytes) -> dict:

@@ -34,8 +34,8 @@ def _launcher():
     return launcher
 
 
-def _key(x, n=64, count=3, scale=0.5, block=32, warps=4):
-    return _launcher()._key((x, n, count, scale), warps, 2, (block,), 0)
+def _key(x, n=64, count=3, scale=0.5, block=32, warps=4, pdl=False):
+    return _launcher()._key((x, n, count, scale), warps, 2, (block,), 0, pdl)
 
 
 def test_key_follows_what_triton_specializes():
@@ -51,6 +51,14 @@ def test_key_follows_what_triton_specializes():
     assert _key(aligned, block=32) != _key(aligned, block=64)  # constexprs
     assert _key(aligned, warps=4) != _key(aligned, warps=8)
     assert _key(aligned, n=True) != _key(aligned, n=1)  # a bool is not the int 1
+    assert _key(aligned) != _key(aligned, pdl=True)  # a programmatic dependent launch is compiled apart
+
+
+def test_dependent_launches_only_on_hopper_or_later():
+    assert not _launch.dependent_launch(torch.device("cpu"))
+    if DEVICE == "cuda":
+        capable = torch.cuda.get_device_capability()[0] >= 9 and _launch.fast_launch_supported()
+        assert _launch.dependent_launch(torch.device("cuda", torch.cuda.current_device())) == capable
 
 
 def test_constexprs_must_follow_runtime_arguments():

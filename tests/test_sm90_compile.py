@@ -9,6 +9,7 @@ subprocess without ``TRITON_INTERPRET``, and the test holds:
 * the row gathers are software-pipelined (some copy still in flight at a wait) where page ids are read
   one tile ahead (3 stages) or with 5 stages: the property the prefill's speed rests on;
 * block-copy cases issue tensor copies;
+* a launch that lets the merge after it start early (``LAUNCH_DEPENDENTS``) says so first thing, and no other does;
 * the Gluon kernel (where this triton has Gluon) compiles warp-specialized (a loader warp with fewer
   registers: ``setmaxnreg``), issuing one tensor copy a page, spilling at most a few scalars.
 """
@@ -53,6 +54,11 @@ def test_row_gathers_are_pipelined(compiled):
     for case in PIPELINED:
         r = compiled[case]
         assert r["row_copies"] > 0 and r["pipelined"], r
+
+
+def test_only_launches_asked_to_let_dependents_start(compiled):
+    for case, r in compiled.items():
+        assert r["launches_dependents"] == (case == "decode-blockcopy"), r
 
 
 def test_block_copy_cases_issue_tensor_copies(compiled):

@@ -7,7 +7,7 @@ import os
 import triton
 import triton.language as tl
 
-try:  # grid dependency control (triton 3.4 on); ``_launch.dependent_launch`` turns it on for checked versions only
+try:  # grid dependency control; ``_launch.dependent_launch`` asks for it only with the triton versions checked
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
     gdc_launch_dependents = gdc_wait = None

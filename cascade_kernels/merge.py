@@ -152,8 +152,8 @@ def _launch_merge_states(o, lse, out, sinks, out_dtype=None, dependent=False):
 
     ``dependent``: ``o``/``lse`` were written by the attention launch just before on this stream; where the GPU
     allows (``_launch.dependent_launch``) the merge is launched as its programmatic dependent, so its programs
-    are resident and waiting when the last attention program ends instead of launched after it (an H200 took
-    ~2.7 us from one to the other)."""
+    are resident and waiting when the last attention program ends instead of launched after it (measured on an
+    H200: 1.4-2.6 us less a decode step with a merge, timed eagerly)."""
     n, k, num_heads, head_dim = o.shape
     if out is None:
         out = (torch.empty((n, num_heads, head_dim), dtype=out_dtype or o.dtype, device=o.device),

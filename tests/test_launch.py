@@ -156,6 +156,32 @@ def test_a_launch_off_the_direct_path_leaves_the_recording_incomplete(monkeypatc
     assert launched and not rec.complete
 
 
+def test_a_dependent_launch_is_compiled_and_cached_apart(monkeypatch):
+    """``launch_pdl=True`` reaches Triton's compile options on the first launch, and the launch is cached under a
+    key of its own: a plain launch of the same arguments compiles its own kernel."""
+    monkeypatch.setattr(_launch, "driver", _FakeDriver)
+    seen = []
+
+    class Compiled:
+        run, function, packed_metadata = None, "function", "metadata"
+
+        @staticmethod
+        def launch_metadata(grid, stream, *args):
+            return None
+
+    class Fn(_Fn):
+        def __class_getitem__(cls, grid):
+            return lambda *args, **kwargs: seen.append(kwargs) or Compiled
+
+    launcher = _launcher()
+    launcher.fn = Fn
+    x = torch.randn(8)
+    launcher((5,), x, 64, 3, 0.5, BLOCK=32, launch_pdl=True)
+    launcher((5,), x, 64, 3, 0.5, BLOCK=32)
+    assert seen == [{"BLOCK": 32, "launch_pdl": True}, {"BLOCK": 32}]
+    assert len(launcher.cache) == 2
+
+
 def test_layout_key_tells_apart_what_a_replay_depends_on():
     buf = torch.randn(80, dtype=torch.float16)
     a, k = buf[:32].view(4, 8), torch.randn(2, 4, 8, dtype=torch.float16)

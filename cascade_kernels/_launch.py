@@ -38,16 +38,14 @@ def fast_launch_supported() -> bool:
     return not interpreting() and low <= version_tuple(triton.__version__) <= high and hasattr(triton, "knobs")
 
 
+@functools.lru_cache(maxsize=None)
 def dependent_launch(device: torch.device) -> bool:
     """Whether a kernel on ``device`` may be launched as a programmatic dependent of the one before it
     (``launch_pdl``: it starts while that one runs and waits inside for its results, which hides the gap between
-    the two launches): compiled kernels on a GPU of compute capability 9 or later."""
-    return device.type == "cuda" and fast_launch_supported() and _capability(device) >= 9
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
+    the two launches): compiled kernels on a GPU of compute capability 9 or later. Asked at every launch of the
+    attention and merge kernels, so decided once a device."""
+    return (device.type == "cuda" and fast_launch_supported()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 class Launcher:

@@ -12,17 +12,20 @@ picks each level's kernel shape and split count, finds the levels whose KV tiles
 (loaded as block copies, see ``tiles_in_page_runs``), builds the work lists and allocates the scratch and
 outputs. ``CascadePlan.run`` then only launches kernels: no host-device synchronisation and no
 allocation, so it can be captured in a CUDA graph and replayed with new ``q``, ``q_pos`` and cache
-contents. A plan's first run records its launches; a later run whose inputs have the same layout (dtype,
+contents. On Hopper a long shared level and the per-request decode level run as one launch where that
+pays (``_fused``): every SM computes shared-level tiles while its decode warps stream the requests' own KV.
+A plan's first run records its launches; a later run whose inputs have the same layout (dtype,
 shape, strides, 16-byte alignment) repeats them with the new tensors, so that a model running one plan in
 every layer pays the launch decisions and Triton's argument handling once, not once a layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from . import _fused
 from . import configs as _configs
 from .attention import (
     Geometry,
@@ -30,6 +33,7 @@ from .attention import (
     TileConfig,
     choose_splits,
     launch_attention,
+    num_sms,
 )
 from ._launch import layout_key, recording
 from ._tma import ensure_allocator
@@ -102,11 +106,16 @@ class CascadePlan:
         self.dtype = dtype
         self.num_tokens = num_tokens
         self.device = device
-        self.launches: list[LevelLaunch] = []
+        self.launches: list[LevelLaunch] = [self._plan_level(level) for level in levels]
+        # a prefill level and the decode level that may run as one launch (``_fused``): the decode level
+        # then takes one split, its decode warps a whole request each
+        self.fused = _fused.pick(self.launches, geometry, options, dtype, device, num_sms(device))
+        if self.fused is not None:
+            d = self.fused[1]
+            self.launches[d] = replace(self.launches[d], num_splits=1)
         slot = 0
-        for level in levels:
-            launch = self._plan_level(level, slot)
-            self.launches.append(launch)
+        for i, launch in enumerate(self.launches):
+            self.launches[i] = replace(launch, slot_offset=slot)
             slot += launch.num_splits
         self.num_slots = slot
         g = geometry
@@ -125,7 +134,7 @@ class CascadePlan:
         """One level, one split: the kernel writes the final output itself and no merge runs."""
         return self.num_slots == 1
 
-    def _plan_level(self, level: CascadeLevel, slot_offset: int) -> LevelLaunch:
+    def _plan_level(self, level: CascadeLevel) -> LevelLaunch:
         g = self.geometry
         q_lens = [b - a for a, b in zip(*(lambda p: (p[:-1], p[1:]))(_host(level.qo_indptr)))]
         kv_lens = _host(level.kv.lens)
@@ -150,7 +159,7 @@ class CascadePlan:
             qo_indptr=level.qo_indptr,
             tile_indptr=torch.tensor(tile_indptr, dtype=torch.int32, device=self.device),
             num_tiles=num_tiles, kv=level.kv, kind=kind, config=config, num_splits=num_splits,
-            slot_offset=slot_offset, max_kv_len=max_kv, page_runs=page_runs,
+            slot_offset=0, max_kv_len=max_kv, page_runs=page_runs,
             decode_tiles=tiles[0] if same else 0,
         )
 
@@ -197,8 +206,18 @@ class CascadePlan:
         if self.direct:
             self._launch(self.launches[0], q, q_pos, k_cache, v_cache, o, lse, apply_sinks=True)
             return
-        for launch in self.launches:
-            self._launch(launch, q, q_pos, k_cache, v_cache, self.o_part, self.lse_part, apply_sinks=False)
+        together = ()
+        if self.fused is not None:
+            shared, decode = (self.launches[i] for i in self.fused)
+            rows = _fused.page_rows(q, k_cache, v_cache, self.geometry, shared.page_runs)
+            if rows:
+                together = self.fused
+        for i, launch in enumerate(self.launches):
+            if i not in together:
+                self._launch(launch, q, q_pos, k_cache, v_cache, self.o_part, self.lse_part, apply_sinks=False)
+        if together:
+            _fused.launch(q, q_pos, k_cache, v_cache, shared, decode, self.geometry, self.options, self.o_part,
+                          self.lse_part, rows)
         _launch_merge_states(self.o_part, self.lse_part, (o, lse), self.options.sinks, dependent=True)
 
     def _launch(self, launch: LevelLaunch, q, q_pos, k_cache, v_cache, o, lse, apply_sinks):
@@ -215,7 +234,8 @@ class CascadePlan:
     def __repr__(self) -> str:
         levels = ", ".join(f"{l.kind}(tiles={l.num_tiles}, splits={l.num_splits}, max_kv={l.max_kv_len}"
                            f"{', page runs' if l.page_runs else ''})" for l in self.launches)
-        return f"CascadePlan(tokens={self.num_tokens}, slots={self.num_slots}, levels=[{levels}])"
+        fused = f", fused={self.fused}" if self.fused is not None else ""
+        return f"CascadePlan(tokens={self.num_tokens}, slots={self.num_slots}, levels=[{levels}]{fused})"
 
 
 def plan_cascade(levels, *, num_q_heads, num_kv_heads, head_dim, page_size, dtype, num_pages=None, causal=True,

@@ -50,7 +50,7 @@ CASES = {
 }
 
 _INT_PTRS = ("q_pos_ptr", "qo_indptr_ptr", "tile_indptr_ptr", "kv_indptr_ptr", "kv_indices_ptr", "kv_lens_ptr",
-             "kv_start_ptr")
+             "kv_start_ptr", "d_qo_indptr_ptr", "d_kv_indptr_ptr", "d_kv_indices_ptr", "d_kv_lens_ptr", "d_kv_start_ptr")
 
 
 # name -> (dtype, constexprs): the Gluon kernel (``_attention_gluon.py``, two warpgroups and a loader warp) at the
@@ -63,12 +63,21 @@ GLUON_CASES = {
 _GLUON_BASE = dict(GROUP=4, BLOCK_M=128, BLOCK_N=128, STAGES=2, CAUSAL=True, REVERSE_TILES=True,
                    PRODUCER_REGS=24, CONSUMER_REGS=240)
 
+# name -> (dtype, constexprs): the fused shared-level + decode kernel (``_cascade_gluon.py``) as ``_fused`` launches
+# it, pages of 16 gathered a page a copy, or page runs of the shared level (a copy a 64-key tile).
+FUSED_CASES = {
+    "fused-p16": ("bf16", dict(HEAD_DIM=128, PAGE_ROWS=16)),
+    "fused-runs-d64-fp16-group8": ("fp16", dict(HEAD_DIM=64, PAGE_ROWS=64, GROUP=8)),
+}
+
 
 def compile_case(name: str) -> dict:
     """Compile one case for sm_90; return its registers, spill bytes, shared memory and whether the KV
     loop's row gathers are software-pipelined (some ``cp.async.wait_group`` leaves copies in flight)."""
     if name in GLUON_CASES:
         return _compile_gluon(name)
+    if name in FUSED_CASES:
+        return _compile_fused(name)
     dtype, constexprs, num_warps, num_stages = CASES[name]
     const = {**_BASE, **constexprs}
     src = ASTSource(fn=_paged_attention_kernel, **_signature(_paged_attention_kernel, dtype, const))
@@ -85,6 +94,23 @@ def _compile_gluon(name: str) -> dict:
     dtype, constexprs = GLUON_CASES[name]
     fn = _gluon.launcher().fn
     src = GluonASTSource(fn=fn, **_signature(fn, dtype, {**_GLUON_BASE, **constexprs}))
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=_gluon.NUM_WARPS))
+    return _report(name, kernel)
+
+
+def _compile_fused(name: str) -> dict:
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from cascade_kernels import _fused, _gluon
+
+    dtype, constexprs = FUSED_CASES[name]
+    base = dict(GROUP=4, BLOCK_M=_gluon.BLOCK_M, BLOCK_N=_fused.BLOCK_N, STAGES=_fused.STAGES, CAUSAL=True,
+                REVERSE_TILES=True, PRODUCER_REGS=_fused.PRODUCER_REGS, CONSUMER_REGS=_fused.CONSUMER_REGS,
+                DECODE_WARPS=_fused.DECODE_WARPS, DECODE_STAGES=_fused.DECODE_STAGES, DECODE_REGS=_fused.DECODE_REGS)
+    fn = _fused.launcher().fn
+    sig = _signature(fn, dtype, {**base, **constexprs})
+    sig["signature"]["o_ptr"] = "*fp32"  # the split scratch
+    src = GluonASTSource(fn=fn, **sig)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=_gluon.NUM_WARPS))
     return _report(name, kernel)
 
@@ -149,5 +175,5 @@ def _gluon_available() -> bool:
 
 
 if __name__ == "__main__":
-    for case in sys.argv[1:] or list(CASES) + (list(GLUON_CASES) if _gluon_available() else []):
+    for case in sys.argv[1:] or list(CASES) + (list(GLUON_CASES) + list(FUSED_CASES) if _gluon_available() else []):
         print(json.dumps(compile_case(case)), flush=True)

@@ -5,7 +5,8 @@ one block instead of gathering its rows. Held here, on layouts drawn by hypothes
 256 slots (a multiple of every KV tile the configs use, so every tile is page-aligned):
 
 * prefill and decode equal the float64 reference, with the block-copy path taken (on the GPU only where
-  it has a tensor memory accelerator; always under the interpreter), unused slots NaN;
+  it has a tensor memory accelerator, by the Gluon kernel where that takes the launch; always under the
+  interpreter), unused slots NaN;
 * the same problems through the row-gather path (block copies turned off) agree within rounding;
 
 and, directly, which caches qualify: NHD yes; HND views, halves of a fused cache, misaligned bases,
@@ -20,7 +21,7 @@ from hypothesis import given
 
 import cascade_kernels as ck
 import reference
-from cascade_kernels import _tma, attention
+from cascade_kernels import _gluon, _tma, attention
 from cascade_kernels._triton import interpreting
 from conftest import DEVICE
 from strategies import decode_problem, paged_problem
@@ -37,14 +38,21 @@ def _check_both_paths(p, kernel, ref, args, launches_expected: bool):
     """``kernel(*args)`` equals ``ref(*args)`` with block copies (each launch taking them exactly where
     it should: on a GPU with a TMA and under the interpreter, unless the config prefetches) and
     agrees within rounding with the row-gather path."""
-    answers, real = [], attention.tma_usable
+    answers, real, real_rows = [], attention.tma_usable, _gluon.page_rows
 
     def spy(k_cache, v_cache, block_n, block_d, prefetch, page_runs=False):
         answers.append((real(k_cache, v_cache, block_n, block_d, prefetch, page_runs), _has_tma() and not prefetch))
         return answers[-1][0]
 
+    def rows_spy(*args):  # a launch the Gluon kernel takes reads its tiles as block copies of its own
+        rows = real_rows(*args)
+        if rows:
+            answers.append((True, True))
+        return rows
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention, "tma_usable", spy)
+        mp.setattr(_gluon, "page_rows", rows_spy)
         dirty_device_memory()
         fast = kernel(*args, **p.options)
     check_outputs(*fast, ref(*args, **p.options), p.q, msg=repr(p))

@@ -11,7 +11,9 @@ subprocess without ``TRITON_INTERPRET``, and the test holds:
 * block-copy cases issue tensor copies;
 * a launch that lets the merge after it start early (``LAUNCH_DEPENDENTS``) says so first thing, and no other does;
 * the Gluon kernel (where this triton has Gluon) compiles warp-specialized (a loader warp with fewer
-  registers: ``setmaxnreg``), issuing one tensor copy a page, spilling at most a few scalars.
+  registers: ``setmaxnreg``), issuing one tensor copy a page, spilling at most a few scalars;
+* so does the fused shared-level + decode kernel (``_cascade_gluon.py``), within shared memory with its decode
+  warps' stages beside the shared level's.
 """
 
 from __future__ import annotations
@@ -76,3 +78,14 @@ def test_gluon_kernel_is_warp_specialized(compiled):
         assert r["warp_specialized"] and r["block_copies"] > 0 and r["row_copies"] == 0, r
         # a worker partition's scalar arguments spill (a few dozen words, reloaded once, in its epilogue)
         assert r["stack_bytes"] is None or r["stack_bytes"] <= 256, r
+
+
+def test_fused_kernel_is_warp_specialized_within_shared_memory(compiled):
+    from cascade_kernels import _fused
+
+    if _fused.launcher() is None:
+        pytest.skip("this triton has no Gluon with the parts the kernel uses")
+    for case in ("fused-p16", "fused-runs-d64-fp16-group8"):
+        r = compiled[case]
+        assert r["warp_specialized"] and r["block_copies"] > 0 and r["row_copies"] == 0, r
+        assert r["shared"] <= r["smem_limit"], r

@@ -1,0 +1,95 @@
+"""When a cascade plan runs its shared level and its per-request decode level as one launch, and that launch.
+
+The kernel (``_cascade_gluon.py``) is the Gluon prefill program of ``_attention_gluon.py`` with decode warps
+beside its MMA warpgroups: each SM then streams the per-request KV (memory-bound) while it computes the
+shared level's tiles (compute-bound), where two launches run one after the other. Measured on an H200
+(NOTES.md, cascade v15): 1.04-1.10x on cascades over a 4k-32k shared prefix with 64-256 requests.
+
+A plan asks ``pick`` once (it needs no tensors): a Hopper GPU with Gluon, fp16/bf16, head_dim 64 or 128,
+pages of 16 slots, GQA groups up to 8, no window or soft cap (sinks are applied by the merge); a decode
+level whose segments hold one query token each (its split count then 1: the kernel's decode warps take a
+whole request each); a prefill level on the Gluon tile whose launch fills the GPU (its programs carry the
+decode work, so fewer would leave SMs without either). ``page_rows`` decides at run time, from the
+caches, whether the launch can take it (``_gluon.page_rows``'s block-copy conditions); a plan whose caches
+do not qualify launches its levels one by one, with the same slots.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _gluon
+from ._launch import Launcher
+from ._tma import ensure_allocator
+from ._triton import interpreting
+
+BLOCK_N = 64  # keys a shared-level tile: two stages of K and V in 64 KB leave shared memory to the decode warps
+STAGES = 2
+DECODE_WARPS = 2  # one-warp decode partitions (each a request at a time)
+DECODE_STAGES = 3  # tiles of two pages in flight per decode warp: 96 KB in all
+CONSUMER_REGS = 176  # registers a thread of the second MMA warpgroup (the first gets the rest)
+DECODE_REGS = 160  # of the warpgroup holding the loader and decode warps
+PRODUCER_REGS = 24
+PAGE_SIZE = 16
+MIN_FILL = 0.75  # the prefill launch's programs, as a share of the SMs, below which nothing is fused
+MAX_ROUNDS = 2  # ... and the most programs an SM, above which neither was measured
+
+
+@functools.lru_cache(maxsize=None)
+def launcher() -> Launcher | None:
+    """The launcher over the fused kernel, or None where this Triton cannot build it."""
+    try:
+        from ._cascade_gluon import _cascade_fused_gluon
+    except Exception:  # no Gluon, or one whose API this module does not know
+        return None
+    return Launcher(_cascade_fused_gluon)
+
+
+def pick(launches, geometry, options, dtype: torch.dtype, device: torch.device, num_sms: int):
+    """``(shared, decode)``: indices into ``launches`` (a plan's ``LevelLaunch`` list) of the prefill level
+    and the decode level to run as one launch, or None. The decode level's ``num_splits`` must then be 1."""
+    if interpreting() or not _gluon.enabled() or not _gluon._is_hopper(device) or launcher() is None:
+        return None
+    g = geometry
+    if dtype not in (torch.float16, torch.bfloat16) or g.head_dim not in _gluon.HEAD_DIMS:
+        return None
+    if g.page_size != PAGE_SIZE or g.group > 8 or options.window_left is not None or options.softcap is not None:
+        return None
+    decode = [i for i, lv in enumerate(launches) if lv.kind == "decode" and lv.decode_tiles and lv.num_tiles]
+    shared = [i for i, lv in enumerate(launches)
+              if lv.kind == "prefill" and lv.num_tiles and lv.config.block_m == _gluon.BLOCK_M]
+    if not decode or not shared:
+        return None
+    s = max(shared, key=lambda i: launches[i].num_tiles * launches[i].max_kv_len)
+    programs = launches[s].num_tiles * g.num_kv_heads * launches[s].num_splits
+    if not MIN_FILL * num_sms <= programs <= MAX_ROUNDS * num_sms:
+        return None
+    return s, decode[-1]
+
+
+def page_rows(q, k_cache, v_cache, geometry, page_runs: bool) -> int:
+    """Rows of one block copy of the shared level's tiles when the fused launch applies to these tensors, else 0."""
+    rows = _gluon.page_rows(q, k_cache, v_cache, geometry.head_dim, _gluon.BLOCK_M, None, None, False, page_runs)
+    return min(rows, BLOCK_N)  # a 128-row copy (page runs) is two of the fused kernel's 64-key tiles
+
+
+def launch(q, q_pos, k_cache, v_cache, shared, decode, geometry, options, o, lse, rows: int):
+    """One launch of both levels into the split scratch ``o [N, slots, Hq, D]``/``lse [N, slots, Hq]``:
+    ``shared``'s splits at its slots, ``decode`` (one split) at its slot."""
+    g = geometry
+    ensure_allocator()
+    grid = (shared.num_tiles * g.num_kv_heads * shared.num_splits,)
+    launcher()(
+        grid, q, q_pos, shared.qo_indptr, shared.tile_indptr, k_cache, v_cache,
+        shared.kv.indptr, shared.kv.indices, shared.kv.lens, shared.kv.start_pos, o, lse,
+        decode.qo_indptr, decode.kv.indptr, decode.kv.indices, decode.kv.lens, decode.kv.start_pos,
+        shared.kv.num_segments, g.num_kv_heads, shared.num_splits, g.num_pages, g.page_size, options.sm_scale,
+        shared.slot_offset, decode.kv.num_segments, decode.slot_offset,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *o.stride(), *lse.stride(),
+        GROUP=g.group, HEAD_DIM=g.head_dim, BLOCK_M=_gluon.BLOCK_M, BLOCK_N=BLOCK_N, PAGE_ROWS=rows, STAGES=STAGES,
+        CAUSAL=options.causal, REVERSE_TILES=options.causal, PRODUCER_REGS=PRODUCER_REGS,
+        CONSUMER_REGS=CONSUMER_REGS, DECODE_WARPS=DECODE_WARPS, DECODE_STAGES=DECODE_STAGES,
+        DECODE_REGS=DECODE_REGS, num_warps=_gluon.NUM_WARPS,
+    )

@@ -9,7 +9,8 @@ A plan asks ``pick`` once (it needs no tensors): a Hopper GPU with Gluon, fp16/b
 pages of 16 slots, GQA groups up to 8, no window or soft cap (sinks are applied by the merge); a decode
 level whose segments hold one query token each (its split count then 1: the kernel's decode warps take a
 whole request each); a prefill level on the Gluon tile whose launch fills the GPU (its programs carry the
-decode work, so fewer would leave SMs without either). ``page_rows`` decides at run time, from the
+decode work, so fewer would leave SMs without either) and whose estimated time the decode level's is at
+least half of (``MIN_DECODE_SHARE``). ``page_rows`` decides at run time, from the
 caches, whether the launch can take it (``_gluon.page_rows``'s block-copy conditions); a plan whose caches
 do not qualify launches its levels one by one, with the same slots.
 """
@@ -35,6 +36,14 @@ PRODUCER_REGS = 24
 PAGE_SIZE = 16
 MIN_FILL = 0.75  # the prefill launch's programs, as a share of the SMs, below which nothing is fused
 MAX_ROUNDS = 2  # ... and the most programs an SM, above which neither was measured
+# The decode level's estimated time over the shared level's, below which nothing is fused: the fused kernel's
+# shared part runs slower than the plain Gluon launch (64-key tiles, fewer registers), which the decode work
+# beside it must repay. Measured on an H200 (NOTES.md, cascade v15): a ratio of 0.08-0.33 lost 3-8% or won 6%,
+# 0.67 and up won 4-16%. The estimates: the shared level's FLOPs at ~600 TFLOP/s, the decode level's bytes at
+# the ~3.5 TB/s its two warps an SM read.
+MIN_DECODE_SHARE = 0.5
+SHARED_FLOPS_PER_S = 600e12
+DECODE_BYTES_PER_S = 3.5e12
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,11 +71,18 @@ def pick(launches, geometry, options, dtype: torch.dtype, device: torch.device, 
               if lv.kind == "prefill" and lv.num_tiles and lv.config.block_m == _gluon.BLOCK_M]
     if not decode or not shared:
         return None
-    s = max(shared, key=lambda i: launches[i].num_tiles * launches[i].max_kv_len)
-    programs = launches[s].num_tiles * g.num_kv_heads * launches[s].num_splits
+    s, d = max(shared, key=lambda i: launches[i].num_tiles * launches[i].max_kv_len), decode[-1]
+    sl, dl = launches[s], launches[d]
+    programs = sl.num_tiles * g.num_kv_heads * sl.num_splits
     if not MIN_FILL * num_sms <= programs <= MAX_ROUNDS * num_sms:
         return None
-    return s, decode[-1]
+    # per KV head, upper bounds from the plan's sizes: every query row of the shared tiles against its longest
+    # segment; every decode segment as long as the longest
+    shared_s = sl.num_tiles * sl.config.block_m * sl.max_kv_len * 4 * g.head_dim / SHARED_FLOPS_PER_S
+    decode_s = (dl.num_tiles // dl.decode_tiles) * dl.max_kv_len * 2 * g.head_dim * dtype.itemsize / DECODE_BYTES_PER_S
+    if decode_s < MIN_DECODE_SHARE * shared_s:
+        return None
+    return s, d
 
 
 def page_rows(q, k_cache, v_cache, geometry, page_runs: bool) -> int:

@@ -2,7 +2,7 @@
 
 The kernel runs compiled on a Hopper GPU only (Gluon has no interpreter); the CPU suite compiles it for sm_90
 (``test_sm90_compile.py``). Held on a Hopper GPU, over cascades drawn by hypothesis (a shared prompt of 1 to
-3000 tokens read by 1 to 40 requests, each with 0 to 300 tokens of its own in shuffled pages of 16 whose unused
+3000 tokens read by 2 to 40 requests, each with 0 to 300 tokens of its own in shuffled pages of 16 whose unused
 slots are NaN, queries at the end of their keys or earlier (their last keys hidden), GQA groups of 1 to 8, fp16
 and bf16, head dims 64 and 128, causal or not, sinks or not, the prompt's pages shuffled or in order (its tiles
 page runs), scratch and outputs NaN before the run):
@@ -10,8 +10,8 @@ page runs), scratch and outputs NaN before the run):
 * the plan fuses the two levels (a small launch is allowed to, for the test) and ``run`` takes the fused launch;
 * its result equals the float64 reference;
 
-and, on any device (a Hopper GPU stood in), which plans fuse: the decode level then takes one split and
-the slots follow one another; a plan whose caches do not allow the launch runs its levels one by one.
+and, on any device (a Hopper GPU stood in), which plans fuse (a prefill launch filling the GPU, a decode
+level of a sizeable share of the work): the decode level then takes one split and the slots follow one another; a plan whose caches do not allow the launch runs its levels one by one.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class _Counting:
 
 @st.composite
 def cascades(draw):
-    batch = draw(st.integers(1, 40))
+    batch = draw(st.integers(2, 40))  # one query token would make the shared level a decode level
     own = draw(st.lists(st.integers(0, 300), min_size=batch, max_size=batch))
     hidden = [draw(st.integers(0, max(n - 1, 0))) if draw(st.booleans()) else 0 for n in own]
     return dict(prompt=draw(st.integers(1, 3000)), own=own, hidden=hidden, in_order=draw(st.booleans()),
@@ -128,7 +128,8 @@ def test_fused_cascade_matches_reference(variant, case):
     dev = [t.to(DEVICE) for t in (q, q_pos, k_cache, v_cache)]
     counting = _Counting(_fused.launcher())
     with pytest.MonkeyPatch.context() as mp, pinned_config("prefill", PREFILL_TILE):
-        mp.setattr(_fused, "MIN_FILL", 0.0)  # small launches fuse too, here
+        mp.setattr(_fused, "MIN_FILL", 0.0)  # small launches fuse too, here, whatever their sizes
+        mp.setattr(_fused, "MIN_DECODE_SHARE", 0.0)
         mp.setattr(_fused, "launcher", lambda: counting)
         plan = ck.plan_cascade(_to(levels, DEVICE), num_q_heads=heads, num_kv_heads=variant["kv_heads"],
                                head_dim=variant["dim"], page_size=PAGE, dtype=q.dtype, fold=False,
@@ -169,6 +170,9 @@ def test_which_plans_fuse(monkeypatch):
     assert decode.num_splits == 1 and shared.slot_offset == 0 and decode.slot_offset == shared.num_splits
     assert fused.num_slots == shared.num_splits + 1 and fused.o_part.shape[1] == fused.num_slots
     assert plan(min_fill=1e9).fused is None  # a prefill launch that would not fill the GPU
+    short = _to(_cascade(prompt=600, own=[1, 2, 1, 3], hidden=[0] * 4, group=4, kv_heads=2, dim=64,
+                         dtype=torch.bfloat16, in_order=False, seed=1)[0], DEVICE)
+    assert plan(levels=short).fused is None  # a decode level too small to repay the slower shared part
     for kwargs in (dict(window_left=64), dict(softcap=20.0), dict(dtype=torch.float32), dict(tile=TileConfig(64, 64, 4, 2)),
                    dict(levels=levels[:1]), dict(levels=levels[1:]), dict(num_q_heads=32)):
         assert plan(**kwargs).fused is None, kwargs

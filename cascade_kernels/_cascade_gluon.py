@@ -1,20 +1,20 @@
 """A cascade's shared level and its per-request decode level in one Gluon kernel for Hopper.
 
-Measured on an H200 (NOTES.md, cascade v14): a cascade whose shared level is a compute-bound prefill tile
-(the batch's decode tokens x their GQA group against a long shared prefix) and whose last level is a
-memory-bound decode (one token a request over its own KV) runs the two one after the other, each kernel
-bound by a different unit of the GPU; two launches side by side did not share the SMs. This kernel puts
-both kinds of work in every program: the shared level's program of ``_attention_gluon`` (two MMA
-warpgroups, a loader warp for K and one for V) plus ``DECODE_WARPS`` decode warps, each streaming the KV
-of its own (request, KV head) pairs, one page a tile, through a ring of block copies into its own shared
-memory and computing with ``mma_v2`` (the GQA group padded to 16 rows). Registers are handed between the
-partitions by ``setmaxnreg`` (``worker_num_regs``), so the decode warps cost the MMA warpgroups only what
-they ask for.
+A cascade whose shared level is a compute-bound prefill tile (the batch's decode tokens x their GQA group against
+a long shared prefix) and whose last level is a memory-bound decode (one token a request over its own KV) is
+bound by the tensor cores in one launch and by memory in the other. Two launches side by side did not share an
+SM (NOTES.md, cascade v12 and v14), so this kernel puts both kinds of work in every program: the shared level's
+program of ``_attention_gluon`` (two MMA warpgroups, a loader warp for K and one for V; here over 64-key tiles,
+to leave shared memory) plus two decode warps in the loaders' warpgroup. Registers are handed between the
+partitions by ``setmaxnreg`` (``worker_num_regs``): the decode warps get what they ask, the MMA warpgroups the rest.
 
-Decode work: program ``pid`` handles KV head ``pid % num_kv_heads`` (the shared level's head); among the
-``P / H`` programs of that head, decode warp ``w`` of the ``r``-th takes requests ``r * W + w``, then every
-``(P / H) * W``-th after it. Each writes the state of its requests over its KV into slot ``decode_slot``
-(no split); the plan's merge folds every slot as before.
+A decode warp takes whole requests: program ``pid`` serves KV head ``pid % num_kv_heads`` (the shared level's
+head); among the ``P / H`` programs of that head, the ``r``-th one's warp ``w`` takes requests ``2r + w``, then
+every ``2P / H``-th after it, and writes each one's state over its own KV into slot ``d_slot`` (one split); the
+plan's merge folds every slot as before. Its tiles are two pages, copied ``DECODE_STAGES`` ahead by block copies
+into shared memory of its own, and computed transposed (``_decode_requests``). Measured on an H200 (NOTES.md,
+cascade v15): 1.04-1.16x the two launches one after the other where the decode level is a sizeable share of the
+work; ``_fused`` decides where it runs.
 """
 
 from __future__ import annotations
@@ -159,16 +159,17 @@ def _cascade_fused_gluon(
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     PAGE_ROWS: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, REVERSE_TILES: gl.constexpr,
     PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    DECODE_WARPS: gl.constexpr, DECODE_STAGES: gl.constexpr, DECODE_REGS: gl.constexpr,
+    DECODE_STAGES: gl.constexpr, DECODE_REGS: gl.constexpr,
 ):
     """The shared (prefill) level as ``_attention_gluon._paged_attention_gluon`` (grid ``tiles x KV heads x
     splits``, the same arguments up to ``lse_ptr``; no window, soft cap or sinks), plus the decode level
     given by ``d_*`` (one query token a segment, its state into slot ``d_slot`` of the fp32 scratch ``o``
-    ``[N, slots, Hq, D]``, ``lse`` ``[N, slots, Hq]``); ``page_size`` keys a decode tile."""
+    ``[N, slots, Hq, D]``, ``lse`` ``[N, slots, Hq]``). Pages of 16 slots (a decode tile is two, a block copy
+    each)."""
     num_warps: gl.constexpr = gl.num_warps()
     ROWS: gl.constexpr = 16 * num_warps
     gl.static_assert(BLOCK_M == 2 * ROWS, "two warpgroups of 16-row slabs")
-    gl.static_assert(DECODE_WARPS == 2 or DECODE_WARPS == 4, "2 or 4 decode warps")
+    DECODE_WARPS: gl.constexpr = 2  # one-warp partitions beside the loaders, in their warpgroup
     dtype: gl.constexpr = q_ptr.dtype.element_ty
     rows_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
@@ -248,61 +249,30 @@ def _cascade_fused_gluon(
     peers = gl.num_programs(0) // num_kv_heads  # programs of this KV head
     d_first = (pid // num_kv_heads) * DECODE_WARPS
     d_step = peers * DECODE_WARPS
-    if DECODE_WARPS == 2:
-        gl.warp_specialize([(_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q0_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-          turn.index(0), turn.index(1), q_start, q_len, kv_head, local * BLOCK_M, a, n_tiles, full_hi, kv_len,
-          kv_start, scale, slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-          GROUP, CAUSAL, STAGES, True)), (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q1_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-          turn.index(1), turn.index(0), q_start, q_len, kv_head, local * BLOCK_M + ROWS, a, n_tiles, full_hi,
-          kv_len, kv_start, scale, slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-          GROUP, CAUSAL, STAGES, False)), (_load_operand, (k_desc, k_smem, k_ready, k_empty, page_table, a, n_tiles, last_entry, page_size, PAGE_ROWS, BLOCK_N,
-          STAGES)), (_load_operand, (v_desc, v_smem, v_ready, v_empty, page_table, a, n_tiles, last_entry, page_size, PAGE_ROWS, BLOCK_N,
-          STAGES)),
-                            (_decode_requests, (q_ptr, q_pos_ptr, d_qo_indptr_ptr, d_kv_indptr_ptr, d_kv_indices_ptr, d_kv_lens_ptr, d_kv_start_ptr,
-          o_ptr, lse_ptr, dk_desc, dv_desc, dk_smem0, dv_smem0, d_ready0,
-          kv_head, d_first, d_step, d_num_segments, page_size, scale, d_slot64,
-          s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, GROUP, CAUSAL)), (_decode_requests, (q_ptr, q_pos_ptr, d_qo_indptr_ptr, d_kv_indptr_ptr, d_kv_indices_ptr, d_kv_lens_ptr, d_kv_start_ptr,
-          o_ptr, lse_ptr, dk_desc, dv_desc, dk_smem1, dv_smem1, d_ready1,
-          kv_head, d_first + 1, d_step, d_num_segments, page_size, scale, d_slot64,
-          s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, GROUP, CAUSAL))],
-                           [num_warps, 1, 1, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, DECODE_REGS,
-                                                     DECODE_REGS])
-    else:
-        dk_smem2 = gl.allocate_shared_memory(dtype, [DS, 32, HEAD_DIM], dbox_layout)
-        dv_smem2 = gl.allocate_shared_memory(dtype, [DS, 32, HEAD_DIM], dbox_layout)
-        dk_smem3 = gl.allocate_shared_memory(dtype, [DS, 32, HEAD_DIM], dbox_layout)
-        dv_smem3 = gl.allocate_shared_memory(dtype, [DS, 32, HEAD_DIM], dbox_layout)
-        d_ready2 = gl.allocate_shared_memory(gl.int64, [DS, 1], mbarrier.MBarrierLayout())
-        d_ready3 = gl.allocate_shared_memory(gl.int64, [DS, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(DS):
-            mbarrier.init(d_ready2.index(i), count=1)
-            mbarrier.init(d_ready3.index(i), count=1)
-        gl.warp_specialize([(_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q0_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-          turn.index(0), turn.index(1), q_start, q_len, kv_head, local * BLOCK_M, a, n_tiles, full_hi, kv_len,
-          kv_start, scale, slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-          GROUP, CAUSAL, STAGES, True)), (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q1_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-          turn.index(1), turn.index(0), q_start, q_len, kv_head, local * BLOCK_M + ROWS, a, n_tiles, full_hi,
-          kv_len, kv_start, scale, slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-          GROUP, CAUSAL, STAGES, False)), (_load_operand, (k_desc, k_smem, k_ready, k_empty, page_table, a, n_tiles, last_entry, page_size, PAGE_ROWS, BLOCK_N,
-          STAGES)), (_load_operand, (v_desc, v_smem, v_ready, v_empty, page_table, a, n_tiles, last_entry, page_size, PAGE_ROWS, BLOCK_N,
-          STAGES)),
-                            (_decode_requests, (q_ptr, q_pos_ptr, d_qo_indptr_ptr, d_kv_indptr_ptr, d_kv_indices_ptr, d_kv_lens_ptr, d_kv_start_ptr,
-          o_ptr, lse_ptr, dk_desc, dv_desc, dk_smem0, dv_smem0, d_ready0,
-          kv_head, d_first, d_step, d_num_segments, page_size, scale, d_slot64,
-          s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, GROUP, CAUSAL)), (_decode_requests, (q_ptr, q_pos_ptr, d_qo_indptr_ptr, d_kv_indptr_ptr, d_kv_indices_ptr, d_kv_lens_ptr, d_kv_start_ptr,
-          o_ptr, lse_ptr, dk_desc, dv_desc, dk_smem1, dv_smem1, d_ready1,
-          kv_head, d_first + 1, d_step, d_num_segments, page_size, scale, d_slot64,
-          s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, GROUP, CAUSAL)), (_decode_requests, (q_ptr, q_pos_ptr, d_qo_indptr_ptr, d_kv_indptr_ptr, d_kv_indices_ptr, d_kv_lens_ptr, d_kv_start_ptr,
-              o_ptr, lse_ptr, dk_desc, dv_desc, dk_smem2, dv_smem2,
-              d_ready2, kv_head, d_first + 2, d_step, d_num_segments, page_size, scale, d_slot64,
-              s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, GROUP, CAUSAL)),
-                            (_decode_requests, (q_ptr, q_pos_ptr, d_qo_indptr_ptr, d_kv_indptr_ptr, d_kv_indices_ptr, d_kv_lens_ptr, d_kv_start_ptr,
-              o_ptr, lse_ptr, dk_desc, dv_desc, dk_smem3, dv_smem3,
-              d_ready3, kv_head, d_first + 3, d_step, d_num_segments, page_size, scale, d_slot64,
-              s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, GROUP, CAUSAL))],
-                           [num_warps, 1, 1, 1, 1, 1, 1],
-                           [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, DECODE_REGS, DECODE_REGS, DECODE_REGS,
-                            DECODE_REGS])
+    gl.warp_specialize([
+        (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q0_smem, k_smem, v_smem,
+                         k_ready, v_ready, k_empty, v_empty, turn.index(0), turn.index(1),
+                         q_start, q_len, kv_head, local * BLOCK_M, a, n_tiles, full_hi, kv_len, kv_start, scale,
+                         slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
+                         GROUP, CAUSAL, STAGES, True)),
+        (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q1_smem, k_smem, v_smem,
+                         k_ready, v_ready, k_empty, v_empty, turn.index(1), turn.index(0),
+                         q_start, q_len, kv_head, local * BLOCK_M + ROWS, a, n_tiles, full_hi, kv_len, kv_start,
+                         scale, slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
+                         GROUP, CAUSAL, STAGES, False)),
+        (_load_operand, (k_desc, k_smem, k_ready, k_empty, page_table, a, n_tiles, last_entry,
+                         page_size, PAGE_ROWS, BLOCK_N, STAGES)),
+        (_load_operand, (v_desc, v_smem, v_ready, v_empty, page_table, a, n_tiles, last_entry,
+                         page_size, PAGE_ROWS, BLOCK_N, STAGES)),
+        (_decode_requests, (q_ptr, q_pos_ptr, d_qo_indptr_ptr, d_kv_indptr_ptr, d_kv_indices_ptr, d_kv_lens_ptr,
+                            d_kv_start_ptr, o_ptr, lse_ptr, dk_desc, dv_desc, dk_smem0, dv_smem0, d_ready0,
+                            kv_head, d_first, d_step, d_num_segments, page_size, scale, d_slot64,
+                            s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, GROUP, CAUSAL)),
+        (_decode_requests, (q_ptr, q_pos_ptr, d_qo_indptr_ptr, d_kv_indptr_ptr, d_kv_indices_ptr, d_kv_lens_ptr,
+                            d_kv_start_ptr, o_ptr, lse_ptr, dk_desc, dv_desc, dk_smem1, dv_smem1, d_ready1,
+                            kv_head, d_first + 1, d_step, d_num_segments, page_size, scale, d_slot64,
+                            s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, GROUP, CAUSAL)),
+    ], [num_warps, 1, 1, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, DECODE_REGS, DECODE_REGS])
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_ready.index(i))
         mbarrier.invalidate(v_ready.index(i))

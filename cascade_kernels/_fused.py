@@ -28,7 +28,6 @@ from ._triton import interpreting
 
 BLOCK_N = 64  # keys a shared-level tile: two stages of K and V in 64 KB leave shared memory to the decode warps
 STAGES = 2
-DECODE_WARPS = 2  # one-warp decode partitions (each a request at a time)
 DECODE_STAGES = 3  # tiles of two pages in flight per decode warp: 96 KB in all
 CONSUMER_REGS = 176  # registers a thread of the second MMA warpgroup (the first gets the rest)
 DECODE_REGS = 160  # of the warpgroup holding the loader and decode warps
@@ -106,6 +105,6 @@ def launch(q, q_pos, k_cache, v_cache, shared, decode, geometry, options, o, lse
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *o.stride(), *lse.stride(),
         GROUP=g.group, HEAD_DIM=g.head_dim, BLOCK_M=_gluon.BLOCK_M, BLOCK_N=BLOCK_N, PAGE_ROWS=rows, STAGES=STAGES,
         CAUSAL=options.causal, REVERSE_TILES=options.causal, PRODUCER_REGS=PRODUCER_REGS,
-        CONSUMER_REGS=CONSUMER_REGS, DECODE_WARPS=DECODE_WARPS, DECODE_STAGES=DECODE_STAGES,
+        CONSUMER_REGS=CONSUMER_REGS, DECODE_STAGES=DECODE_STAGES,
         DECODE_REGS=DECODE_REGS, num_warps=_gluon.NUM_WARPS,
     )

@@ -106,7 +106,7 @@ def _compile_fused(name: str) -> dict:
     dtype, constexprs = FUSED_CASES[name]
     base = dict(GROUP=4, BLOCK_M=_gluon.BLOCK_M, BLOCK_N=_fused.BLOCK_N, STAGES=_fused.STAGES, CAUSAL=True,
                 REVERSE_TILES=True, PRODUCER_REGS=_fused.PRODUCER_REGS, CONSUMER_REGS=_fused.CONSUMER_REGS,
-                DECODE_WARPS=_fused.DECODE_WARPS, DECODE_STAGES=_fused.DECODE_STAGES, DECODE_REGS=_fused.DECODE_REGS)
+                DECODE_STAGES=_fused.DECODE_STAGES, DECODE_REGS=_fused.DECODE_REGS)
     fn = _fused.launcher().fn
     sig = _signature(fn, dtype, {**base, **constexprs})
     sig["signature"]["o_ptr"] = "*fp32"  # the split scratch

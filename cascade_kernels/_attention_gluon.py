@@ -196,6 +196,80 @@ def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem,
     gl.store(lse_ptr + token_m * s_lt + slot * s_lslot + head_m * s_lh, lse, mask=row_ok_m)
 
 
+@gluon.jit
+def _program_work(q_pos_ptr, qo_indptr_ptr, tile_indptr_ptr, kv_indptr_ptr, kv_indices_ptr, kv_lens_ptr,
+                  kv_start_ptr, num_segments, num_kv_heads, num_splits, page_size,
+                  GROUP: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                  REVERSE_TILES: gl.constexpr):
+    """This program's work (grid ``tiles x KV heads x splits``): ``(valid, kv_head, split, q_start, q_len,
+    row0, kv_len, kv_start, full_hi, a, n_tiles, page_table, last_entry)``: its query tile's first row
+    ``row0`` among the ``q_len * GROUP`` rows of a segment whose tokens start at ``q_start``, and its split
+    of the KV range the tile sees: tiles ``a, a + BLOCK_N, ...`` (``n_tiles``), every row seeing ``[0,
+    full_hi)``. ``valid`` is false past the last tile (the grid is an upper bound; then ``q_len`` and
+    ``n_tiles`` are 0 and the loads stayed in the arrays)."""
+    rows_l: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    pid = gl.program_id(0)
+    kv_head = pid % num_kv_heads
+    split = (pid // num_kv_heads) % num_splits
+    tile = pid // (num_kv_heads * num_splits)
+    seg = _tile_segment(tile, tile_indptr_ptr, num_segments, 0)
+    valid = seg < num_segments
+    last = gl.maximum(gl.minimum(seg, num_segments - 1), 0)
+    num_tiles, local, q_start, q_len = _segment_tile(last, tile, tile_indptr_ptr, qo_indptr_ptr, 0)
+    q_len = gl.where(valid, q_len, 0)
+    if REVERSE_TILES:
+        local = num_tiles - 1 - local
+    # The KV range [0, hi) some row sees, [0, full_hi) every row sees; this program's split of it.
+    rows_m = local * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_l)
+    row_ok_m = rows_m < q_len * GROUP
+    q_pos = gl.load(q_pos_ptr + q_start + rows_m // GROUP, mask=row_ok_m, other=0)
+    kv_len = gl.load(kv_lens_ptr + last)
+    kv_start = gl.load(kv_start_ptr + last)
+    hi = kv_len
+    full_hi = kv_len
+    if CAUSAL:
+        q_max = gl.max(gl.where(row_ok_m, q_pos, -2147483647), 0)
+        q_min = gl.min(gl.where(row_ok_m, q_pos, 2147483647), 0)
+        hi, full_hi = _causal_kv_range(q_min, q_max, kv_len, kv_start)
+    hi = gl.where(valid, hi, 0)
+    per_split = gl.cdiv(gl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N
+    a = gl.minimum(split * per_split, hi)
+    b = gl.minimum(a + per_split, hi)
+    n_tiles = gl.cdiv(b - a, BLOCK_N)
+    page_table = kv_indices_ptr + gl.load(kv_indptr_ptr + last)
+    last_entry = gl.maximum(gl.cdiv(kv_len, page_size) - 1, 0)
+    return (valid, kv_head, split, q_start, q_len, local * BLOCK_M, kv_len, kv_start, full_hi, a, n_tiles,
+            page_table, last_entry)
+
+
+@gluon.jit
+def _stage_barriers(STAGES: gl.constexpr):
+    """The program's mbarriers, initialised: K and V landed in a stage (one arrival: the loader's byte
+    count), K and V of a stage handed back (one arrival from each MMA warpgroup), and the two warpgroups'
+    turns at the MMAs."""
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    return k_ready, v_ready, k_empty, v_empty, turn
+
+
+@gluon.jit
+def _invalidate(barriers):
+    """Invalidate every mbarrier of ``barriers`` (``[n, 1]`` allocations)."""
+    N: gl.constexpr = barriers.shape[0]
+    for i in gl.static_range(N):
+        mbarrier.invalidate(barriers.index(i))
+
+
 @gluon.jit(do_not_specialize=["num_segments", "num_splits", "num_pages", "window_left", "slot_offset"])
 def _paged_attention_gluon(
     q_ptr, q_pos_ptr, qo_indptr_ptr, tile_indptr_ptr, k_ptr, v_ptr,
@@ -218,40 +292,15 @@ def _paged_attention_gluon(
     ROWS: gl.constexpr = 16 * num_warps
     gl.static_assert(BLOCK_M == 2 * ROWS, "two warpgroups of 16-row slabs")
     dtype: gl.constexpr = q_ptr.dtype.element_ty
-    rows_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     box_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([PAGE_ROWS, HEAD_DIM], dtype)
 
-    pid = gl.program_id(0)
-    kv_head = pid % num_kv_heads
-    split = (pid // num_kv_heads) % num_splits
-    tile = pid // (num_kv_heads * num_splits)
-    seg = _tile_segment(tile, tile_indptr_ptr, num_segments, 0)
-    last = gl.maximum(gl.minimum(seg, num_segments - 1), 0)  # past the last tile the loads stay in the arrays
-    num_tiles, local, q_start, q_len = _segment_tile(last, tile, tile_indptr_ptr, qo_indptr_ptr, 0)
-    if seg < num_segments:  # the grid is an upper bound on the number of tiles
-        if REVERSE_TILES:
-            local = num_tiles - 1 - local
-        # The KV range [0, hi) some row sees, [0, full_hi) every row sees; this program's split of it.
-        rows_m = local * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_l)
-        row_ok_m = rows_m < q_len * GROUP
-        q_pos = gl.load(q_pos_ptr + q_start + rows_m // GROUP, mask=row_ok_m, other=0)
-        kv_len = gl.load(kv_lens_ptr + seg)
-        kv_start = gl.load(kv_start_ptr + seg)
-        hi = kv_len
-        full_hi = kv_len
-        if CAUSAL:
-            q_max = gl.max(gl.where(row_ok_m, q_pos, -2147483647), 0)
-            q_min = gl.min(gl.where(row_ok_m, q_pos, 2147483647), 0)
-            hi, full_hi = _causal_kv_range(q_min, q_max, kv_len, kv_start)
-        per_split = gl.cdiv(gl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N
-        a = gl.minimum(split * per_split, hi)
-        b = gl.minimum(a + per_split, hi)
-        n_tiles = gl.cdiv(b - a, BLOCK_N)
-
-        page_table = kv_indices_ptr + gl.load(kv_indptr_ptr + seg)
-        last_entry = gl.maximum(gl.cdiv(kv_len, page_size) - 1, 0)
+    (valid, kv_head, split, q_start, q_len, row0, kv_len, kv_start, full_hi, a, n_tiles, page_table,
+     last_entry) = _program_work(q_pos_ptr, qo_indptr_ptr, tile_indptr_ptr, kv_indptr_ptr, kv_indices_ptr,
+                                 kv_lens_ptr, kv_start_ptr, num_segments, num_kv_heads, num_splits, page_size,
+                                 GROUP, BLOCK_M, BLOCK_N, CAUSAL, REVERSE_TILES)
+    if valid:
         k_desc = tma.make_tensor_descriptor(k_ptr + kv_head.to(gl.int64) * s_kh, shape=[num_pages * page_size, HEAD_DIM],
                                             strides=[s_ks, 1], block_shape=[PAGE_ROWS, HEAD_DIM], layout=box_layout)
         v_desc = tma.make_tensor_descriptor(v_ptr + kv_head.to(gl.int64) * s_vh, shape=[num_pages * page_size, HEAD_DIM],
@@ -260,29 +309,18 @@ def _paged_attention_gluon(
         q1_smem = gl.allocate_shared_memory(dtype, [ROWS, HEAD_DIM], q_smem_layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_smem_layout)
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
-        for i in gl.static_range(2):
-            mbarrier.init(turn.index(i), count=1)
+        k_ready, v_ready, k_empty, v_empty, turn = _stage_barriers(STAGES)
         scale = qk_scale * LOG2E
         slot = (slot_offset + split).to(gl.int64)
         gl.warp_specialize([
             (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q0_smem, k_smem, v_smem,
                              k_ready, v_ready, k_empty, v_empty, turn.index(0), turn.index(1),
-                             q_start, q_len, kv_head, local * BLOCK_M, a, n_tiles, full_hi, kv_len, kv_start, scale,
+                             q_start, q_len, kv_head, row0, a, n_tiles, full_hi, kv_len, kv_start, scale,
                              slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
                              GROUP, CAUSAL, STAGES, True)),
             (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q1_smem, k_smem, v_smem,
                              k_ready, v_ready, k_empty, v_empty, turn.index(1), turn.index(0),
-                             q_start, q_len, kv_head, local * BLOCK_M + ROWS, a, n_tiles, full_hi, kv_len, kv_start,
+                             q_start, q_len, kv_head, row0 + ROWS, a, n_tiles, full_hi, kv_len, kv_start,
                              scale, slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
                              GROUP, CAUSAL, STAGES, False)),
             (_load_operand, (k_desc, k_smem, k_ready, k_empty, page_table, a, n_tiles, last_entry,
@@ -290,10 +328,8 @@ def _paged_attention_gluon(
             (_load_operand, (v_desc, v_smem, v_ready, v_empty, page_table, a, n_tiles, last_entry,
                              page_size, PAGE_ROWS, BLOCK_N, STAGES)),
         ], [num_warps, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(k_ready.index(i))
-            mbarrier.invalidate(v_ready.index(i))
-            mbarrier.invalidate(k_empty.index(i))
-            mbarrier.invalidate(v_empty.index(i))
-        for i in gl.static_range(2):
-            mbarrier.invalidate(turn.index(i))
+        _invalidate(k_ready)
+        _invalidate(v_ready)
+        _invalidate(k_empty)
+        _invalidate(v_empty)
+        _invalidate(turn)

@@ -24,8 +24,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-from ._attention_gluon import LN2, LOG2E, _consume_rows, _cta_barrier, _io_layout, _load_operand, _tma_load
-from ._attention_kernel import _causal_kv_range, _segment_tile, _tile_segment
+from ._attention_gluon import (LN2, LOG2E, _consume_rows, _cta_barrier, _invalidate, _io_layout, _load_operand,
+                              _program_work, _stage_barriers, _tma_load)
 
 
 @gluon.jit
@@ -171,41 +171,15 @@ def _cascade_fused_gluon(
     gl.static_assert(BLOCK_M == 2 * ROWS, "two warpgroups of 16-row slabs")
     DECODE_WARPS: gl.constexpr = 2  # one-warp partitions beside the loaders, in their warpgroup
     dtype: gl.constexpr = q_ptr.dtype.element_ty
-    rows_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     kv_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
     box_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([PAGE_ROWS, HEAD_DIM], dtype)
 
-    pid = gl.program_id(0)
-    kv_head = pid % num_kv_heads
-    split = (pid // num_kv_heads) % num_splits
-    tile = pid // (num_kv_heads * num_splits)
-    seg = _tile_segment(tile, tile_indptr_ptr, num_segments, 0)
-    last = gl.maximum(gl.minimum(seg, num_segments - 1), 0)
-    num_tiles, local, q_start, q_len = _segment_tile(last, tile, tile_indptr_ptr, qo_indptr_ptr, 0)
-    if REVERSE_TILES:
-        local = num_tiles - 1 - local
-    rows_m = local * BLOCK_M + gl.arange(0, BLOCK_M, layout=rows_l)
-    row_ok_m = rows_m < q_len * GROUP
-    q_pos = gl.load(q_pos_ptr + q_start + rows_m // GROUP, mask=row_ok_m, other=0)
-    kv_len = gl.load(kv_lens_ptr + last)
-    kv_start = gl.load(kv_start_ptr + last)
-    hi = kv_len
-    full_hi = kv_len
-    if CAUSAL:
-        q_max = gl.max(gl.where(row_ok_m, q_pos, -2147483647), 0)
-        q_min = gl.min(gl.where(row_ok_m, q_pos, 2147483647), 0)
-        hi, full_hi = _causal_kv_range(q_min, q_max, kv_len, kv_start)
-    if seg >= num_segments:  # the grid is an upper bound on the shared level's tiles: no work there
-        hi = 0
-        q_len = 0
-    per_split = gl.cdiv(gl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N
-    a = gl.minimum(split * per_split, hi)
-    b = gl.minimum(a + per_split, hi)
-    n_tiles = gl.cdiv(b - a, BLOCK_N)
-
-    page_table = kv_indices_ptr + gl.load(kv_indptr_ptr + last)
-    last_entry = gl.maximum(gl.cdiv(kv_len, page_size) - 1, 0)
+    # programs past the last tile (none where the plan launches it) run their decode work only
+    (valid, kv_head, split, q_start, q_len, row0, kv_len, kv_start, full_hi, a, n_tiles, page_table,
+     last_entry) = _program_work(q_pos_ptr, qo_indptr_ptr, tile_indptr_ptr, kv_indptr_ptr, kv_indices_ptr,
+                                 kv_lens_ptr, kv_start_ptr, num_segments, num_kv_heads, num_splits, page_size,
+                                 GROUP, BLOCK_M, BLOCK_N, CAUSAL, REVERSE_TILES)
     k_base = k_ptr + kv_head.to(gl.int64) * s_kh
     v_base = v_ptr + kv_head.to(gl.int64) * s_vh
     k_desc = tma.make_tensor_descriptor(k_base, shape=[num_pages * page_size, HEAD_DIM], strides=[s_ks, 1],
@@ -226,20 +200,9 @@ def _cascade_fused_gluon(
     dv_smem0 = gl.allocate_shared_memory(dtype, [DS, 32, HEAD_DIM], dbox_layout)
     dk_smem1 = gl.allocate_shared_memory(dtype, [DS, 32, HEAD_DIM], dbox_layout)
     dv_smem1 = gl.allocate_shared_memory(dtype, [DS, 32, HEAD_DIM], dbox_layout)
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready, v_ready, k_empty, v_empty, turn = _stage_barriers(STAGES)
     d_ready0 = gl.allocate_shared_memory(gl.int64, [DS, 1], mbarrier.MBarrierLayout())
     d_ready1 = gl.allocate_shared_memory(gl.int64, [DS, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(DS):
         mbarrier.init(d_ready0.index(i), count=1)
         mbarrier.init(d_ready1.index(i), count=1)
@@ -247,17 +210,17 @@ def _cascade_fused_gluon(
     slot = (slot_offset + split).to(gl.int64)
     d_slot64 = d_slot.to(gl.int64)
     peers = gl.num_programs(0) // num_kv_heads  # programs of this KV head
-    d_first = (pid // num_kv_heads) * DECODE_WARPS
+    d_first = (gl.program_id(0) // num_kv_heads) * DECODE_WARPS
     d_step = peers * DECODE_WARPS
     gl.warp_specialize([
         (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q0_smem, k_smem, v_smem,
                          k_ready, v_ready, k_empty, v_empty, turn.index(0), turn.index(1),
-                         q_start, q_len, kv_head, local * BLOCK_M, a, n_tiles, full_hi, kv_len, kv_start, scale,
+                         q_start, q_len, kv_head, row0, a, n_tiles, full_hi, kv_len, kv_start, scale,
                          slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
                          GROUP, CAUSAL, STAGES, True)),
         (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q1_smem, k_smem, v_smem,
                          k_ready, v_ready, k_empty, v_empty, turn.index(1), turn.index(0),
-                         q_start, q_len, kv_head, local * BLOCK_M + ROWS, a, n_tiles, full_hi, kv_len, kv_start,
+                         q_start, q_len, kv_head, row0 + ROWS, a, n_tiles, full_hi, kv_len, kv_start,
                          scale, slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
                          GROUP, CAUSAL, STAGES, False)),
         (_load_operand, (k_desc, k_smem, k_ready, k_empty, page_table, a, n_tiles, last_entry,
@@ -273,13 +236,10 @@ def _cascade_fused_gluon(
                             kv_head, d_first + 1, d_step, d_num_segments, page_size, scale, d_slot64,
                             s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, GROUP, CAUSAL)),
     ], [num_warps, 1, 1, 1, 1], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS, DECODE_REGS, DECODE_REGS])
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_ready.index(i))
-        mbarrier.invalidate(v_ready.index(i))
-        mbarrier.invalidate(k_empty.index(i))
-        mbarrier.invalidate(v_empty.index(i))
-    for i in gl.static_range(2):
-        mbarrier.invalidate(turn.index(i))
-    for i in gl.static_range(DS):
-        mbarrier.invalidate(d_ready0.index(i))
-        mbarrier.invalidate(d_ready1.index(i))
+    _invalidate(k_ready)
+    _invalidate(v_ready)
+    _invalidate(k_empty)
+    _invalidate(v_empty)
+    _invalidate(turn)
+    _invalidate(d_ready0)
+    _invalidate(d_ready1)

@@ -30,6 +30,7 @@ from cascade_kernels._triton import interpreting
 from cascade_kernels.attention import TileConfig
 from cascade_kernels.configs import pinned_config
 from conftest import DEVICE
+from test_gluon import _Counting
 from test_prefill import check_outputs, dirty_device_memory, fewer
 
 HOPPER = DEVICE == "cuda" and not interpreting() and torch.cuda.get_device_capability()[0] == 9
@@ -85,15 +86,6 @@ def _to(levels, device):
                             ck.PagedKV(indptr=lv.kv.indptr.to(device), indices=lv.kv.indices.to(device),
                                        lens=lv.kv.lens.to(device), start_pos=lv.kv.start_pos.to(device)))
             for lv in levels]
-
-
-class _Counting:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.inner(*args, **kwargs)
 
 
 @st.composite

@@ -1,0 +1,91 @@
+"""``python -m benchmarks.cascade_fusion``: a cascade's fused launch against its levels one after the other.
+
+For each case (the cascade suite's layout: a shared prefix of ``P`` tokens in shuffled pages of 16 read by ``B``
+requests, each with ``S`` tokens of its own and one decode token; 32 query / 8 KV heads, head_dim 128, bf16) the
+plan is made twice, once as ``plan_cascade`` makes it and once with the fused launch turned off
+(``_fused.pick`` returning None), and both are timed alternately, twice each, in one process (``do_bench``: L2
+flushed before each call); the lower median is kept. Prints one line per case and a table last, with the plan's
+own estimate of the decode level's time over the shared level's (the quantity its fusion rule compares with
+``_fused.MIN_DECODE_SHARE``); ``--force`` sets that threshold to 0, so that every case whose shared level fills
+the GPU fuses (how the rule was measured). Needs a Hopper GPU for the fused launch to exist at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from triton.testing import do_bench
+
+import cascade_kernels as ck
+from cascade_kernels import _fused
+
+from .layout import FULL_SHAPE
+from .suites import cascade as suite
+
+CASES = [(32768, 256, 64), (32768, 1024, 64), (32768, 256, 256), (32768, 1024, 256), (32768, 128, 256),
+         (16384, 256, 256), (2048, 1024, 128), (4096, 1024, 128), (8192, 1024, 128), (32768, 1024, 128),
+         (8192, 256, 64), (32768, 64, 128)]
+
+
+class _Context:
+    shape = FULL_SHAPE
+    device = "cuda"
+
+
+def decode_share(prefix: int, suffix: int, batch: int, group: int = 4, block_m: int = 128) -> float:
+    """The plan's estimate for these sizes (``_fused.pick``): the decode level's bytes at its rate over the shared
+    level's FLOPs at its rate, per KV head."""
+    tiles = -(-batch * group // block_m)
+    shared = tiles * block_m * prefix * 4 / _fused.SHARED_FLOPS_PER_S
+    decode = batch * suffix * 2 * 2 / _fused.DECODE_BYTES_PER_S
+    return decode / shared
+
+
+def compare(prefix: int, suffix: int, batch: int, reps: int = 2) -> tuple[bool, float, float]:
+    """(fused?, fused us, level-by-level us) for one case."""
+    data = suite.build(suite._case(prefix, suffix, batch), _Context)
+    real = _fused.pick
+    plans = {}
+    try:
+        for name, pick in (("fused", real), ("separate", lambda *a, **k: None)):
+            _fused.pick = pick
+            plans[name] = ck.plan_cascade(data.levels, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16,
+                                          dtype=torch.bfloat16, causal=True)
+    finally:
+        _fused.pick = real
+    args = (data.q, data.q_pos, data.k_cache, data.v_cache)
+    times = {name: [] for name in plans}
+    for _ in range(reps):
+        for name, plan in plans.items():
+            def run(plan=plan):
+                return plan.run(*args)
+            run()
+            torch.cuda.synchronize()
+            times[name].append(do_bench(run, return_mode="median") * 1e3)
+    return plans["fused"].fused is not None, min(times["fused"]), min(times["separate"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="fuse whatever the decode level's share")
+    if parser.parse_args(argv).force:
+        _fused.MIN_DECODE_SHARE = 0.0
+    ck.set_validation(False)
+    rows = []
+    for prefix, suffix, batch in CASES:
+        fused, t_fused, t_sep = compare(prefix, suffix, batch)
+        share = decode_share(prefix, suffix, batch)
+        rows.append((prefix, suffix, batch, share, fused, t_fused, t_sep))
+        print(f"p{prefix} s{suffix} b{batch}: decode/shared {share:.2f}, fused={fused}: {t_fused:.1f} us, "
+              f"level by level {t_sep:.1f} us ({t_sep / t_fused:.3f}x)", flush=True)
+    print("\n| case | decode / shared | fused? | fused us | level by level us | level by level / fused |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for prefix, suffix, batch, share, fused, t_fused, t_sep in rows:
+        print(f"| p{prefix}_s{suffix}_b{batch} | {share:.2f} | {'yes' if fused else 'no'} | {t_fused:.1f} | "
+              f"{t_sep:.1f} | {t_sep / t_fused:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,9 +3,10 @@
 The kernel (``_cascade_gluon.py``) is the Gluon prefill program of ``_attention_gluon.py`` with decode warps
 beside its MMA warpgroups: each SM then streams the per-request KV (memory-bound) while it computes the
 shared level's tiles (compute-bound), where two launches run one after the other. Measured on an H200
-(NOTES.md, cascade v15): 1.04-1.10x on cascades over a 4k-32k shared prefix with 64-256 requests.
+(NOTES.md, cascade v15): 1.04-1.16x on cascades over a 2k-32k shared prefix with 64-256 requests.
 
-A plan asks ``pick`` once (it needs no tensors): a Hopper GPU with Gluon, fp16/bf16, head_dim 64 or 128,
+A plan asks ``pick`` once (it needs no tensors): a Hopper GPU with Gluon (``CASCADE_KERNELS_GLUON=0`` turns
+this off too), fp16/bf16, head_dim 64 or 128,
 pages of 16 slots, GQA groups up to 8, no window or soft cap (sinks are applied by the merge); a decode
 level whose segments hold one query token each (its split count then 1: the kernel's decode warps take a
 whole request each); a prefill level on the Gluon tile whose launch fills the GPU (its programs carry the

@@ -49,11 +49,7 @@ DECODE_BYTES_PER_S = 3.5e12
 @functools.lru_cache(maxsize=None)
 def launcher() -> Launcher | None:
     """The launcher over the fused kernel, or None where this Triton cannot build it."""
-    try:
-        from ._cascade_gluon import _cascade_fused_gluon
-    except Exception:  # no Gluon, or one whose API this module does not know
-        return None
-    return Launcher(_cascade_fused_gluon)
+    return _gluon.optional_launcher("_cascade_gluon", "_cascade_fused_gluon")
 
 
 def pick(launches, geometry, options, dtype: torch.dtype, device: torch.device, num_sms: int):

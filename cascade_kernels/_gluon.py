@@ -20,6 +20,7 @@ Gluon) takes the ``tl`` kernel:
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -38,14 +39,20 @@ HEAD_DIMS = (64, 128)
 MIN_PAGE = 8  # rows of one block copy: eight 16-byte rows at least
 
 
+def optional_launcher(module: str, name: str) -> Launcher | None:
+    """A launcher over the Gluon kernel ``name`` of this package's ``module``, or None where this Triton cannot
+    build it (no Gluon, or one whose API the module does not know)."""
+    try:
+        kernel = getattr(importlib.import_module(f".{module}", __package__), name)
+    except Exception:
+        return None
+    return Launcher(kernel)
+
+
 @functools.lru_cache(maxsize=None)
 def launcher() -> Launcher | None:
-    """The launcher over the Gluon kernel, or None where this Triton cannot build it."""
-    try:
-        from ._attention_gluon import _paged_attention_gluon
-    except Exception:  # no Gluon, or one whose API this module does not know
-        return None
-    return Launcher(_paged_attention_gluon)
+    """The launcher over the Gluon prefill kernel, or None where this Triton cannot build it."""
+    return optional_launcher("_attention_gluon", "_paged_attention_gluon")
 
 
 @functools.lru_cache(maxsize=None)

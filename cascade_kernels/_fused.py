@@ -81,10 +81,13 @@ def pick(launches, geometry, options, dtype: torch.dtype, device: torch.device, 
     return s, d
 
 
-def page_rows(q, k_cache, v_cache, geometry, page_runs: bool) -> int:
-    """Rows of one block copy of the shared level's tiles when the fused launch applies to these tensors, else 0."""
-    rows = _gluon.page_rows(q, k_cache, v_cache, geometry.head_dim, _gluon.BLOCK_M, None, None, False, page_runs)
-    return min(rows, BLOCK_N)  # a 128-row copy (page runs) is two of the fused kernel's 64-key tiles
+def page_rows(q, k_cache, v_cache, geometry, shared) -> int:
+    """Rows of one block copy of the ``shared`` level's tiles when the fused launch applies to these tensors,
+    else 0. The plan found page runs of its config's tiles; they are runs of this kernel's 64-key tiles only
+    where those nest in them."""
+    runs = shared.page_runs and shared.config.block_n % BLOCK_N == 0
+    rows = _gluon.page_rows(q, k_cache, v_cache, geometry.head_dim, _gluon.BLOCK_M, None, None, False, runs)
+    return min(rows, BLOCK_N)  # a 128-row copy (a run, or pages of 128+) is two of the fused kernel's tiles
 
 
 def launch(q, q_pos, k_cache, v_cache, shared, decode, geometry, options, o, lse, rows: int):

@@ -206,16 +206,14 @@ class CascadePlan:
         if self.direct:
             self._launch(self.launches[0], q, q_pos, k_cache, v_cache, o, lse, apply_sinks=True)
             return
-        together = ()
-        if self.fused is not None:
-            shared, decode = (self.launches[i] for i in self.fused)
-            rows = _fused.page_rows(q, k_cache, v_cache, self.geometry, shared.page_runs)
-            if rows:
-                together = self.fused
+        # the fused pair, where these caches allow its launch (else every level alone, with the same slots)
+        rows = self.fused and _fused.page_rows(q, k_cache, v_cache, self.geometry, self.launches[self.fused[0]])
+        together = self.fused if rows else ()
         for i, launch in enumerate(self.launches):
             if i not in together:
                 self._launch(launch, q, q_pos, k_cache, v_cache, self.o_part, self.lse_part, apply_sinks=False)
         if together:
+            shared, decode = (self.launches[i] for i in together)
             _fused.launch(q, q_pos, k_cache, v_cache, shared, decode, self.geometry, self.options, self.o_part,
                           self.lse_part, rows)
         _launch_merge_states(self.o_part, self.lse_part, (o, lse), self.options.sinks, dependent=True)

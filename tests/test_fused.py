@@ -11,7 +11,8 @@ page runs), scratch and outputs NaN before the run):
 * its result equals the float64 reference;
 
 and, on any device (a Hopper GPU stood in), which plans fuse (a prefill launch filling the GPU, a decode
-level of a sizeable share of the work): the decode level then takes one split and the slots follow one another; a plan whose caches do not allow the launch runs its levels one by one.
+level of a sizeable share of the work): the decode level then takes one split and the slots follow one another;
+page runs the plan found reach the kernel as block copies only where they are runs of its own 64-key tiles; a plan whose caches do not allow the launch runs its levels one by one.
 """
 
 from __future__ import annotations
@@ -190,3 +191,26 @@ def test_a_fused_plan_whose_caches_do_not_qualify_runs_level_by_level(monkeypatc
         assert plan.fused == (0, 1) and plan.launches[1].num_splits == 1
         o, lse = plan.run(*(t.to(DEVICE) for t in (q, q_pos, k_cache, v_cache)))
     check_outputs(o, lse, reference.cascade_attention(q, q_pos, k_cache, v_cache, levels), q.to(DEVICE))
+
+
+@pytest.mark.parametrize("block_n", [32, 128])
+def test_page_runs_reach_the_fused_kernel_as_its_own_tiles(block_n, monkeypatch):
+    """The fused kernel reads 64-key shared-level tiles; a plan finds page runs for its config's ``block_n``.
+    Runs of 32-key tiles need not make runs of 64 keys, so such a launch must ask for page-sized copies."""
+    _stand_in_hopper(monkeypatch)
+    monkeypatch.setattr(_fused, "MIN_FILL", 0.0)
+    levels, q, q_pos, k_cache, v_cache = _cascade(prompt=300, own=[20, 45, 33], hidden=[0] * 3, group=2, kv_heads=2,
+                                                  dim=64, dtype=torch.float16, in_order=True, seed=3)
+    seen = []
+
+    def spy(*args):
+        seen.append(args[-1])  # page_runs
+        return 0  # then every level runs alone: only the question is checked here
+
+    monkeypatch.setattr(_gluon, "page_rows", spy)
+    with pinned_config("prefill", TileConfig(128, block_n, 8, 2)):
+        plan = ck.plan_cascade(_to(levels, DEVICE), num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=PAGE,
+                               dtype=torch.float16, fold=False)
+        assert plan.fused == (0, 1) and plan.launches[0].page_runs
+        plan.run(*(t.to(DEVICE) for t in (q, q_pos, k_cache, v_cache)))
+    assert seen[0] is (block_n == 128), seen

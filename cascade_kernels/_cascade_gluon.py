@@ -24,6 +24,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
+from ._attention_kernel import _causal_kv_range
 from ._attention_gluon import (LN2, LOG2E, _consume_rows, _cta_barrier, _invalidate, _io_layout, _load_operand,
                               _program_work, _stage_barriers, _tma_load)
 
@@ -74,7 +75,8 @@ def _decode_requests(q_ptr, q_pos_ptr, qo_indptr_ptr, kv_indptr_ptr, kv_indices_
         token = gl.load(qo_indptr_ptr + seg).to(gl.int64)
         hi = gl.load(kv_lens_ptr + seg)
         if CAUSAL:
-            hi = gl.minimum(hi, gl.maximum(gl.load(q_pos_ptr + token) - gl.load(kv_start_ptr + seg) + 1, 0))
+            q_pos = gl.load(q_pos_ptr + token)
+            hi, _ = _causal_kv_range(q_pos, q_pos, hi, gl.load(kv_start_ptr + seg))
         n_tiles = gl.cdiv(hi, BLOCK_N)
         last = gl.maximum(gl.cdiv(hi, PAGE) - 1, 0)  # a tile's second page past the end reads the last one
         pages = kv_indices_ptr + gl.load(kv_indptr_ptr + seg)

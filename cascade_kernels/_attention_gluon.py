@@ -92,7 +92,8 @@ def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem,
                   k_ready, v_ready, k_empty, v_empty, my_turn, their_turn,
                   q_start, q_len, kv_head, row0, a, n_tiles, full_hi, kv_len, kv_start, scale, slot,
                   s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-                  GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, LEADS: gl.constexpr):
+                  GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, LEADS: gl.constexpr,
+                  STORE_FROM_MMA: gl.constexpr):
     """One MMA warpgroup's rows ``row0 .. row0 + 16 * num_warps - 1`` of the program's tile, start to end:
     its Q rows into ``q_smem``, the online softmax over the KV tiles as they land in stage ``j % STAGES``
     (``k_ready``/``v_ready``), each operand's stage handed back to its loader (``k_empty``/``v_empty``, one
@@ -187,10 +188,18 @@ def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem,
     # normalised o and natural-log lse (o = 0, lse = -inf where no key was visible)
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     lse = gl.where(l_i == 0.0, -float("inf"), (m_i + gl.log2(l_safe)) * LN2)
-    o = acc / gl.convert_layout(l_safe, rows_o)[:, None]
-    o = gl.convert_layout(o.to(o_ptr.dtype.element_ty), io)
-    gl.store(o_ptr + token[:, None] * s_ot + slot * s_oslot + head[:, None] * s_oh + offs_d[None, :] * s_od,
-             o, mask=row_ok[:, None])
+    o = (acc / gl.convert_layout(l_safe, rows_o)[:, None]).to(o_ptr.dtype.element_ty)
+    if STORE_FROM_MMA:  # each thread its own fragment: no shared-memory scratch, narrower stores
+        rows_a = row0 + gl.arange(0, ROWS, layout=rows_o)
+        token_a = (q_start + rows_a // GROUP).to(gl.int64)
+        head_a = (kv_head * GROUP + rows_a % GROUP).to(gl.int64)
+        offs_da = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        gl.store(o_ptr + token_a[:, None] * s_ot + slot * s_oslot + head_a[:, None] * s_oh + offs_da[None, :] * s_od,
+                 o, mask=(rows_a < q_len * GROUP)[:, None])
+    else:
+        o = gl.convert_layout(o, io)
+        gl.store(o_ptr + token[:, None] * s_ot + slot * s_oslot + head[:, None] * s_oh + offs_d[None, :] * s_od,
+                 o, mask=row_ok[:, None])
     token_m = (q_start + rows_m // GROUP).to(gl.int64)
     head_m = (kv_head * GROUP + rows_m % GROUP).to(gl.int64)
     gl.store(lse_ptr + token_m * s_lt + slot * s_lslot + head_m * s_lh, lse, mask=row_ok_m)
@@ -317,12 +326,12 @@ def _paged_attention_gluon(
                              k_ready, v_ready, k_empty, v_empty, turn.index(0), turn.index(1),
                              q_start, q_len, kv_head, row0, a, n_tiles, full_hi, kv_len, kv_start, scale,
                              slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-                             GROUP, CAUSAL, STAGES, True)),
+                             GROUP, CAUSAL, STAGES, True, False)),
             (_consume_rows, (q_ptr, q_pos_ptr, o_ptr, lse_ptr, q1_smem, k_smem, v_smem,
                              k_ready, v_ready, k_empty, v_empty, turn.index(1), turn.index(0),
                              q_start, q_len, kv_head, row0 + ROWS, a, n_tiles, full_hi, kv_len, kv_start,
                              scale, slot, s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
-                             GROUP, CAUSAL, STAGES, False)),
+                             GROUP, CAUSAL, STAGES, False, False)),
             (_load_operand, (k_desc, k_smem, k_ready, k_empty, page_table, a, n_tiles, last_entry,
                              page_size, PAGE_ROWS, BLOCK_N, STAGES)),
             (_load_operand, (v_desc, v_smem, v_ready, v_empty, page_table, a, n_tiles, last_entry,

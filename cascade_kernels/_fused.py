@@ -29,7 +29,7 @@ from ._triton import interpreting
 
 BLOCK_N = 64  # keys a shared-level tile: two stages of K and V in 64 KB leave shared memory to the decode warps
 STAGES = 2
-DECODE_STAGES = 3  # tiles of two pages in flight per decode warp: 96 KB in all
+DECODE_STAGES = 4  # tiles of two pages in flight per decode warp: 128 KB in all
 CONSUMER_REGS = 176  # registers a thread of the second MMA warpgroup (the first gets the rest)
 DECODE_REGS = 160  # of the warpgroup holding the loader and decode warps
 PRODUCER_REGS = 24

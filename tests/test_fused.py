@@ -214,3 +214,39 @@ def test_page_runs_reach_the_fused_kernel_as_its_own_tiles(block_n, monkeypatch)
         assert plan.fused == (0, 1) and plan.launches[0].page_runs
         plan.run(*(t.to(DEVICE) for t in (q, q_pos, k_cache, v_cache)))
     assert seen[0] is (block_n == 128), seen
+
+
+@needs_hopper
+def test_a_fused_plan_replays_in_a_cuda_graph(monkeypatch):
+    """``run`` of a fused plan captured once; replays with new q, q_pos and cache contents give the new references."""
+    monkeypatch.setattr(_fused, "MIN_FILL", 0.0)
+    monkeypatch.setattr(_fused, "MIN_DECODE_SHARE", 0.0)
+    levels, q, q_pos, k_cache, v_cache = _cascade(prompt=700, own=[40, 0, 130, 17, 64], hidden=[0, 0, 9, 0, 0],
+                                                  group=4, kv_heads=2, dim=128, dtype=torch.bfloat16, in_order=False,
+                                                  seed=5)
+    with pinned_config("prefill", PREFILL_TILE):
+        plan = ck.plan_cascade(_to(levels, DEVICE), num_q_heads=8, num_kv_heads=2, head_dim=128, page_size=PAGE,
+                               dtype=torch.bfloat16, fold=False)
+    assert plan.fused == (0, 1), plan
+    dev = [t.to(DEVICE) for t in (q, q_pos, k_cache, v_cache)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and record outside the capture
+        plan.run(*dev)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, lse = plan.run(*dev)
+    gen = torch.Generator().manual_seed(6)
+    for replay in range(2):
+        q_new = torch.randn(q.shape, generator=gen).to(q.dtype)
+        q_pos_new = (q_pos - torch.randint(0, 3, q_pos.shape, generator=gen, dtype=torch.int32)).clamp(min=0)
+        k_new = torch.where(k_cache.isnan(), k_cache, torch.randn(k_cache.shape, generator=gen).to(k_cache.dtype))
+        v_new = torch.where(v_cache.isnan(), v_cache, torch.randn(v_cache.shape, generator=gen).to(v_cache.dtype))
+        for t, new in zip(dev, (q_new, q_pos_new, k_new, v_new)):
+            t.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference.cascade_attention(q_new, q_pos_new, k_new, v_new, levels)
+        check_outputs(o, lse, expected, dev[0], msg=f"replay {replay}")

@@ -7,7 +7,8 @@ plan is made twice, once as ``plan_cascade`` makes it and once with the fused la
 flushed before each call); the lower median is kept. Prints one line per case and a table last, with the plan's
 own estimate of the decode level's time over the shared level's (the quantity its fusion rule compares with
 ``_fused.MIN_DECODE_SHARE``); ``--force`` sets that threshold to 0, so that every case whose shared level fills
-the GPU fuses (how the rule was measured). Needs a Hopper GPU for the fused launch to exist at all.
+the GPU fuses (how the rule was measured); ``--cases P:S:B,...`` times other sizes. Needs a Hopper GPU for the fused
+launch to exist at all.
 """
 
 from __future__ import annotations
@@ -66,14 +67,28 @@ def compare(prefix: int, suffix: int, batch: int, reps: int = 2) -> tuple[bool, 
     return plans["fused"].fused is not None, min(times["fused"]), min(times["separate"])
 
 
+def _cases(text: str) -> list[tuple[int, int, int]]:
+    """``"32768:1024:64,4096:256:128"`` -> ``[(32768, 1024, 64), (4096, 256, 128)]``."""
+    try:
+        cases = [tuple(int(n) for n in case.split(":")) for case in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cases must be PREFIX:SUFFIX:BATCH[,...], got {text!r}") from None
+    if not cases or any(len(case) != 3 or min(case) < 1 for case in cases):
+        raise argparse.ArgumentTypeError(f"cases must be PREFIX:SUFFIX:BATCH[,...] of positive sizes, got {text!r}")
+    return cases
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="fuse whatever the decode level's share")
-    if parser.parse_args(argv).force:
+    parser.add_argument("--cases", type=_cases, default=CASES,
+                        help="PREFIX:SUFFIX:BATCH[,...] instead of the default cases")
+    args = parser.parse_args(argv)
+    if args.force:
         _fused.MIN_DECODE_SHARE = 0.0
     ck.set_validation(False)
     rows = []
-    for prefix, suffix, batch in CASES:
+    for prefix, suffix, batch in args.cases:
         fused, t_fused, t_sep = compare(prefix, suffix, batch)
         share = decode_share(prefix, suffix, batch)
         rows.append((prefix, suffix, batch, share, fused, t_fused, t_sep))

@@ -165,7 +165,10 @@ def test_which_plans_fuse(monkeypatch):
     assert plan(min_fill=1e9).fused is None  # a prefill launch that would not fill the GPU
     short = _to(_cascade(prompt=600, own=[1, 2, 1, 3], hidden=[0] * 4, group=4, kv_heads=2, dim=64,
                          dtype=torch.bfloat16, in_order=False, seed=1)[0], DEVICE)
-    assert plan(levels=short).fused is None  # a decode level too small to repay the slower shared part
+    assert plan(levels=short).fused == (0, 1)  # a small decode level beside a shared level of one tile a KV head
+    monkeypatch.setattr(_fused, "MAX_LIGHT_TILES", 0)
+    assert plan(levels=short).fused is None  # ... too small to repay the slower shared part of more tiles
+    assert plan().fused == (0, 1)
     for kwargs in (dict(window_left=64), dict(softcap=20.0), dict(dtype=torch.float32), dict(tile=TileConfig(64, 64, 4, 2)),
                    dict(levels=levels[:1]), dict(levels=levels[1:]), dict(num_q_heads=32)):
         assert plan(**kwargs).fused is None, kwargs

@@ -104,7 +104,9 @@ def _consume_rows(q_ptr, q_pos_ptr, o_ptr, lse_ptr, q_smem, k_smem, v_smem,
     so one's softmax runs while the other's MMAs do: each issues ``P V`` of tile ``j`` and ``Q K^T`` of
     tile ``j + 1`` as one turn, waiting on ``my_turn`` and then handing the turn over on ``their_turn``
     (mbarriers of one arrival); the warpgroup that ``LEADS`` takes the first turn, the other starts by
-    waiting for it.
+    waiting for it. ``STORE_FROM_MMA``: ``o`` is stored from the MMA's layout, each thread its own fragment
+    (no shared-memory scratch for a layout change, which the fused cascade kernel cannot spare), rather than
+    in the coalesced rows of ``_io_layout``.
     """
     ROWS: gl.constexpr = q_smem.shape[0]
     HEAD_DIM: gl.constexpr = q_smem.shape[1]

@@ -27,9 +27,9 @@ from ._launch import Launcher
 from ._tma import ensure_allocator
 from ._triton import interpreting
 
-BLOCK_N = 64  # keys a shared-level tile: two stages of K and V in 64 KB leave shared memory to the decode warps
-STAGES = 2
-DECODE_STAGES = 4  # tiles of two pages in flight per decode warp: 128 KB in all
+BLOCK_N = 64  # keys a shared-level tile: three stages of K and V in 96 KB leave shared memory to the decode warps
+STAGES = 3  # 2 here and 4 for the decode warps: 1.07x slower at batch 256 and 1.11x at 64 (NOTES.md, cascade v17)
+DECODE_STAGES = 3  # tiles of two pages in flight per decode warp: 96 KB in all
 CONSUMER_REGS = 176  # registers a thread of the second MMA warpgroup (the first gets the rest)
 DECODE_REGS = 160  # of the warpgroup holding the loader and decode warps
 PRODUCER_REGS = 24

@@ -37,15 +37,14 @@ PAGE_SIZE = 16
 MIN_FILL = 0.75  # the prefill launch's programs, as a share of the SMs, below which nothing is fused
 MAX_ROUNDS = 2  # ... and the most programs an SM, above which neither was measured
 # The decode level's estimated time over the shared level's, below which nothing is fused: the fused kernel's
-# shared part runs slower than the plain Gluon launch (64-key tiles, fewer registers), and the kernel is bound by
-# L2 traffic (the shared level reads the prefix once per query tile of a KV head, the decode level all of its KV),
-# so the decode work must be large enough to repay it. Measured on an H200 (NOTES.md, cascade v15-v16): with three
-# or more query tiles a KV head, a ratio of 0.08-0.33 broke even or lost up to 5%, 0.67 and up won 5-16%. The
-# estimates: the shared level's FLOPs at ~600 TFLOP/s, the decode level's bytes at the ~3.5 TB/s its two warps an SM
-# read.
-MIN_DECODE_SHARE = 0.5
+# shared part runs slower than the plain Gluon launch (64-key tiles, fewer registers), and the two parts share the
+# L2 (the shared level reads the prefix once per query tile of a KV head, the decode level all of its KV), so the
+# decode work must be large enough to repay it. Measured on an H200 (NOTES.md, cascade v17): with three or more
+# query tiles a KV head, a ratio of 0.08-0.17 lost 3-6%, 0.33 won 2-6%, 0.67 and up 8-21%. The estimates: the
+# shared level's FLOPs at ~600 TFLOP/s, the decode level's bytes at the ~3.5 TB/s its two warps an SM read.
+MIN_DECODE_SHARE = 0.25
 # ... except where the shared level has at most this many query tiles a KV head (it reads the prefix that few
-# times, leaving L2 room for the decode level): there any decode level repaid it (1.02-1.26x, ratios 0.08-1.34).
+# times, leaving L2 room for the decode level): there any decode level repaid it (1.04-1.22x, ratios 0.08-1.34).
 MAX_LIGHT_TILES = 2
 SHARED_FLOPS_PER_S = 600e12
 DECODE_BYTES_PER_S = 3.5e12

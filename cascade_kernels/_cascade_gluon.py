@@ -13,8 +13,9 @@ head); among the ``P / H`` programs of that head, the ``r``-th one's warp ``w`` 
 every ``2P / H``-th after it, and writes each one's state over its own KV into slot ``d_slot`` (one split); the
 plan's merge folds every slot as before. Its tiles are two pages, copied ``DECODE_STAGES`` ahead by block copies
 into shared memory of its own, and computed transposed (``_decode_requests``). Measured on an H200 (NOTES.md,
-cascade v15): 1.04-1.16x the two launches one after the other where the decode level is a sizeable share of the
-work; ``_fused`` decides where it runs.
+cascade v15-v17): 1.02-1.22x the two launches one after the other where ``_fused`` lets it run; the kernel is then
+bound by what both parts read through L2, and the shared memory is split evenly between the shared level's K/V
+stages and the decode warps' tiles (96 KB each).
 """
 
 from __future__ import annotations

@@ -3,15 +3,17 @@
 The kernel (``_cascade_gluon.py``) is the Gluon prefill program of ``_attention_gluon.py`` with decode warps
 beside its MMA warpgroups: each SM then streams the per-request KV (memory-bound) while it computes the
 shared level's tiles (compute-bound), where two launches run one after the other. Measured on an H200
-(NOTES.md, cascade v15): 1.04-1.16x on cascades over a 2k-32k shared prefix with 64-256 requests.
+(NOTES.md, cascade v15-v17): 1.02-1.22x on the cascades the rule below fuses (2k-32k shared prefix, 32-256
+requests).
 
 A plan asks ``pick`` once (it needs no tensors): a Hopper GPU with Gluon (``CASCADE_KERNELS_GLUON=0`` turns
 this off too), fp16/bf16, head_dim 64 or 128,
 pages of 16 slots, GQA groups up to 8, no window or soft cap (sinks are applied by the merge); a decode
 level whose segments hold one query token each (its split count then 1: the kernel's decode warps take a
 whole request each); a prefill level on the Gluon tile whose launch fills the GPU (its programs carry the
-decode work, so fewer would leave SMs without either) and whose estimated time the decode level's is at
-least half of (``MIN_DECODE_SHARE``). ``page_rows`` decides at run time, from the
+decode work, so fewer would leave SMs without either); and a decode level whose estimated time is at least a
+quarter of the shared level's (``MIN_DECODE_SHARE``), unless the shared level has at most two query tiles a KV
+head (``MAX_LIGHT_TILES``). ``page_rows`` decides at run time, from the
 caches, whether the launch can take it (``_gluon.page_rows``'s block-copy conditions); a plan whose caches
 do not qualify launches its levels one by one, with the same slots.
 """

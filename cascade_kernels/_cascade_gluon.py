@@ -15,7 +15,7 @@ plan's merge folds every slot as before. Its tiles are two pages, copied ``DECOD
 into shared memory of its own, and computed transposed (``_decode_requests``). Measured on an H200 (NOTES.md,
 cascade v15-v17): 1.02-1.22x the two launches one after the other where ``_fused`` lets it run; the kernel is then
 bound by what both parts read through L2, and the shared memory is split evenly between the shared level's K/V
-stages and the decode warps' tiles (96 KB each).
+stages and the decode warps' tiles (three of each: 96 KB each at head_dim 128).
 """
 
 from __future__ import annotations

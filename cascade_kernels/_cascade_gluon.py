@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
 from ._attention_kernel import _causal_kv_range
-from ._attention_gluon import (LN2, LOG2E, _consume_rows, _cta_barrier, _invalidate, _io_layout, _load_operand,
-                              _program_work, _stage_barriers, _tma_load)
+from ._attention_gluon import LOG2E, _consume_rows, _invalidate, _load_operand, _program_work, _stage_barriers
+from ._decode_gluon import _decode_q, _decode_tiles, _store_state
 
 
 @gluon.jit
@@ -37,40 +36,12 @@ def _decode_requests(q_ptr, q_pos_ptr, qo_indptr_ptr, kv_indptr_ptr, kv_indices_
                      s_qt, s_qh, s_qd, s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
                      GROUP: gl.constexpr, CAUSAL: gl.constexpr):
     """One decode warp: for segments ``first, first + step, ...`` (one query token each) the attention of
-    the ``GROUP`` query heads of ``kv_head`` over the segment's KV, in tiles of two pages copied ``STAGES``
-    ahead into ``k_smem``/``v_smem`` ``[STAGES, 2 * page_size, D]`` (``ready``: an mbarrier a stage counting
-    both operands' bytes); normalised ``o`` and natural-log ``lse`` into ``slot``.
-
-    Transposed, so that the few query heads are the MMA's narrow side (``NQ`` = 8 columns) and keys
-    and head dims its rows: ``S^T = K Q^T`` ``[keys, NQ]``, ``O^T += V^T P^T`` ``[D, NQ]``, the softmax down
-    the columns; at head_dim 128 both products run in two halves of the head dims, so that no operand
-    takes more than 32 registers a thread and the warp fits the ~112 the MMA warpgroups leave it.
-    """
+    the ``GROUP`` query heads of ``kv_head`` over the segment's whole KV (``_decode_gluon._decode_tiles``: tiles
+    of two pages, copied ``STAGES`` ahead into ``k_smem``/``v_smem`` ``[STAGES, 2 * page_size, D]``, ``ready`` an
+    mbarrier a stage); normalised ``o`` and natural-log ``lse`` into ``slot``."""
     STAGES: gl.constexpr = k_smem.shape[0]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[2]
-    PAGE: gl.constexpr = BLOCK_N // 2
-    HALF: gl.constexpr = HEAD_DIM // 2
-    NQ: gl.constexpr = 8
-    gl.static_assert(GROUP <= NQ, "GQA groups of up to 8 query heads")
-    dtype: gl.constexpr = k_smem.dtype
-    nw: gl.constexpr = gl.num_warps()
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[nw, 1], instr_shape=[16, 8])
-    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    io: gl.constexpr = _io_layout(HEAD_DIM, nw)
-    cols: gl.constexpr = gl.SliceLayout(0, mma)
-    nbytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
-
-    offs_qb = gl.arange(0, NQ, layout=gl.SliceLayout(0, b_l))
-    head_b = (kv_head * GROUP + offs_qb).to(gl.int64)
-    offs_db = gl.arange(0, HALF, layout=gl.SliceLayout(1, b_l))
-    offs_q = gl.arange(0, NQ, layout=cols)
-    col_ok = offs_q < GROUP
-    head_c = (kv_head * GROUP + offs_q).to(gl.int64)
-    offs_d = gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
-    offs_k = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    offs_r = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, io))
     it = 0  # tiles this warp has used so far: stage and phase of the next one
     for seg in range(first, num_segments, step):
         token = gl.load(qo_indptr_ptr + seg).to(gl.int64)
@@ -79,72 +50,14 @@ def _decode_requests(q_ptr, q_pos_ptr, qo_indptr_ptr, kv_indptr_ptr, kv_indices_
             q_pos = gl.load(q_pos_ptr + token)
             hi, _ = _causal_kv_range(q_pos, q_pos, hi, gl.load(kv_start_ptr + seg))
         n_tiles = gl.cdiv(hi, BLOCK_N)
-        last = gl.maximum(gl.cdiv(hi, PAGE) - 1, 0)  # a tile's second page past the end reads the last one
+        last = gl.maximum(gl.cdiv(hi, page_size) - 1, 0)
         pages = kv_indices_ptr + gl.load(kv_indptr_ptr + seg)
-        fence_async_shared()  # the last segment's reads of these stages come before the copies into them
-        for i in gl.static_range(STAGES):
-            if i < n_tiles:
-                st = (it + i) % STAGES
-                _copy_tile(k_desc, v_desc, k_smem.index(st), v_smem.index(st), ready.index(st), nbytes,
-                           gl.load(pages + 2 * i) * page_size, gl.load(pages + gl.minimum(2 * i + 1, last)) * page_size)
-        q_base = q_ptr + token * s_qt + head_b[None, :] * s_qh
-        q_mask = (offs_qb < GROUP)[None, :]
-        q_lo = gl.load(q_base + offs_db[:, None] * s_qd, mask=q_mask, other=0.0)
-        q_hi = gl.load(q_base + (offs_db[:, None] + HALF) * s_qd, mask=q_mask, other=0.0)
-        m_i = gl.full([NQ], -float("inf"), gl.float32, layout=cols)
-        l_i = gl.zeros([NQ], gl.float32, layout=cols)
-        acc_lo = gl.zeros([HALF, NQ], gl.float32, layout=mma)
-        acc_hi = gl.zeros([HALF, NQ], gl.float32, layout=mma)
-        for j in range(n_tiles):
-            st = (it + j) % STAGES
-            nxt = j + STAGES
-            row0 = gl.load(pages + gl.minimum(2 * nxt, last)) * page_size  # in flight during this tile
-            row1 = gl.load(pages + gl.minimum(2 * nxt + 1, last)) * page_size
-            mbarrier.wait(ready.index(st), ((it + j) // STAGES) & 1)
-            k_buf = k_smem.index(st)
-            v_buf = v_smem.index(st)
-            s = mma_v2(k_buf.slice(0, HALF, dim=1).load(a_l), q_lo, gl.zeros([BLOCK_N, NQ], gl.float32, mma))
-            s = mma_v2(k_buf.slice(HALF, HALF, dim=1).load(a_l), q_hi, s) * scale
-            start = j * BLOCK_N
-            if start + BLOCK_N > hi:  # the last tile: keys past the visible end hidden, their V rows zeroed
-                s = gl.where((start + offs_k < hi)[:, None], s, -float("inf"))
-                v_io = v_buf.load(io)
-                v_buf.store(gl.where((start + offs_r < hi)[:, None], v_io, gl.zeros_like(v_io)))
-                _cta_barrier()
-            m_new = gl.maximum(m_i, gl.max(s, 0))
-            m_use = gl.where(m_new == -float("inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(s - m_use[None, :])
-            l_i = l_i * alpha + gl.sum(p, 0)
-            p_t = gl.convert_layout(p.to(dtype), b_l)
-            v_t = v_buf.permute((1, 0))
-            acc_lo = mma_v2(v_t.slice(0, HALF, dim=0).load(a_l), p_t, acc_lo * alpha[None, :])
-            acc_hi = mma_v2(v_t.slice(HALF, HALF, dim=0).load(a_l), p_t, acc_hi * alpha[None, :])
-            m_i = m_new
-            if nxt < n_tiles:  # this stage's reads are in registers: copy tile j + STAGES into it
-                _cta_barrier()
-                fence_async_shared()
-                _copy_tile(k_desc, v_desc, k_buf, v_buf, ready.index(st), nbytes, row0, row1)
+        q_lo, q_hi = _decode_q(q_ptr, token, kv_head, s_qt, s_qh, s_qd, GROUP, HEAD_DIM)
+        m_i, l_i, acc_lo, acc_hi = _decode_tiles(q_lo, q_hi, pages, last, page_size, hi, 0, 1, n_tiles, scale,
+                                                 k_desc, v_desc, k_smem, v_smem, ready, it)
         it += n_tiles
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        lse = gl.where(l_i == 0.0, -float("inf"), (m_i + gl.log2(l_safe)) * LN2)
-        o_base = o_ptr + token * s_ot + slot * s_oslot + head_c[None, :] * s_oh
-        gl.store(o_base + offs_d[:, None] * s_od, (acc_lo / l_safe[None, :]).to(o_ptr.dtype.element_ty),
-                 mask=col_ok[None, :])
-        gl.store(o_base + (offs_d[:, None] + HALF) * s_od, (acc_hi / l_safe[None, :]).to(o_ptr.dtype.element_ty),
-                 mask=col_ok[None, :])
-        gl.store(lse_ptr + token * s_lt + slot * s_lslot + head_c * s_lh, lse, mask=col_ok)
-
-
-@gluon.jit
-def _copy_tile(k_desc, v_desc, k_buf, v_buf, bar, nbytes: gl.constexpr, row0, row1):
-    """Cache rows ``row0 ..`` and ``row1 ..`` (two pages) of K and of V into the two halves of a decode stage."""
-    PAGE: gl.constexpr = k_buf.shape[0] // 2
-    mbarrier.expect(bar, nbytes)
-    _tma_load(k_desc, [row0, 0], bar, k_buf.slice(0, PAGE))
-    _tma_load(k_desc, [row1, 0], bar, k_buf.slice(PAGE, PAGE))
-    _tma_load(v_desc, [row0, 0], bar, v_buf.slice(0, PAGE))
-    _tma_load(v_desc, [row1, 0], bar, v_buf.slice(PAGE, PAGE))
+        _store_state(o_ptr, lse_ptr, lse_ptr, token, slot, kv_head, m_i, l_i, acc_lo, acc_hi,
+                     s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh, GROUP, False)
 
 
 @gluon.jit(do_not_specialize=["num_segments", "num_splits", "num_pages", "slot_offset", "d_num_segments",

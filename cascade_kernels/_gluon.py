@@ -14,7 +14,13 @@ Gluon) takes the ``tl`` kernel:
 - no sliding window, soft cap, or sinks applied in the launch (a split or cascade launch leaves sinks
   to the merge, so those still qualify).
 
-``CASCADE_KERNELS_GLUON=0`` in the environment turns the path off (every launch takes the ``tl`` kernel).
+Decode launches (one query token a segment) on Hopper take the Gluon decode kernel (``_decode_gluon.py``:
+four one-warp partitions a program, each with its own pipeline of block copies) where ``decode_takes``
+says so: fp16/bf16, head_dim 64 or 128, GQA groups of up to 8, pages of a multiple of 16 tokens, no
+window or soft cap, caches as above (``decode_caches_ok``). Its programs are four times the ``tl`` decode
+kernel's, so it takes its own split count (``decode_splits``).
+
+``CASCADE_KERNELS_GLUON=0`` in the environment turns both paths off (every launch takes the ``tl`` kernel).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 
 from ._launch import Launcher
 from ._tma import cache_ok
-from ._triton import interpreting
+from ._triton import cdiv, interpreting
 
 BLOCK_M = 128  # query rows a program: two warpgroups of 4 warps x 16 rows
 BLOCK_N = 128  # keys a KV tile
@@ -37,6 +43,15 @@ CONSUMER_REGS = 240  # registers a thread of the second MMA warpgroup
 PRODUCER_REGS = 24  # registers a thread of the loader warp
 HEAD_DIMS = (64, 128)
 MIN_PAGE = 8  # rows of one block copy: eight 16-byte rows at least
+
+# The decode kernel: two programs an SM (8 warps each: 4 partitions beside the program's own warpgroup), each
+# partition with this many 16-key K/V tiles in flight (96 KB of shared memory a program) and these registers.
+DECODE_STAGES = {64: 6, 128: 3}
+DECODE_PARTS = 4
+DECODE_REGS = 128
+DECODE_MAXNREG = 128  # registers a thread at launch: 2 x 256 threads x 128 fill the register file
+DECODE_PROGRAMS_PER_SM = 2
+DECODE_MIN_SPLIT = 256  # keys a split at least: four tiles a partition
 
 
 def optional_launcher(module: str, name: str) -> Launcher | None:
@@ -53,6 +68,12 @@ def optional_launcher(module: str, name: str) -> Launcher | None:
 def launcher() -> Launcher | None:
     """The launcher over the Gluon prefill kernel, or None where this Triton cannot build it."""
     return optional_launcher("_attention_gluon", "_paged_attention_gluon")
+
+
+@functools.lru_cache(maxsize=None)
+def decode_launcher() -> Launcher | None:
+    """The launcher over the Gluon decode kernel, or None where this Triton cannot build it."""
+    return optional_launcher("_decode_gluon", "_paged_decode_gluon")
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,3 +106,30 @@ def page_rows(q, k_cache, v_cache, head_dim, block_m, window_left, softcap, has_
         return 0
     return rows
 
+
+
+def decode_takes(dtype: torch.dtype, head_dim: int, group: int, page_size: int, window_left, softcap,
+                 device: torch.device) -> bool:
+    """Whether a decode launch of this shape (every segment one query token) takes the Gluon decode kernel,
+    its caches permitting (``decode_caches_ok``); known when a plan is made."""
+    if interpreting() or dtype not in (torch.float16, torch.bfloat16) or head_dim not in DECODE_STAGES:
+        return False
+    if group > 8 or page_size % 16 or window_left is not None or softcap is not None:
+        return False
+    return enabled() and _is_hopper(device) and decode_launcher() is not None
+
+
+def decode_caches_ok(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """The caches a Gluon decode launch can read: row-contiguous pages addressable by block copies."""
+    num_pages, page_size = k_cache.shape[:2]
+    return num_pages * page_size < 2**31 and cache_ok(k_cache) and cache_ok(v_cache)
+
+
+def decode_splits(num_programs: int, max_kv_len: int, num_sms: int) -> int:
+    """Splits a segment for the Gluon decode kernel: as many as fit in one round of programs (two an SM),
+    each of ``DECODE_MIN_SPLIT`` keys at least. At (batch 32 x 8 KV heads, 4096 keys) that is one: each
+    (request, KV head) one program of four warps, no merge launch."""
+    if num_programs <= 0 or max_kv_len <= 0:
+        return 1
+    one_round = DECODE_PROGRAMS_PER_SM * num_sms // num_programs
+    return max(1, min(one_round, cdiv(max_kv_len, DECODE_MIN_SPLIT), 256))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import _fused
+from . import _fused, _gluon
 from . import configs as _configs
 from .attention import (
     Geometry,
@@ -149,12 +149,19 @@ class CascadePlan:
             tile_indptr.append(tile_indptr[-1] + t)
         num_tiles = tile_indptr[-1]
         max_kv = max((n for n, t in zip(kv_lens, tiles) if t), default=0)
-        num_splits = choose_splits(num_tiles * g.num_kv_heads, max_kv, config.block_n, self.device, config.waves,
-                                   whole_rounds=kind == "prefill")
         page_runs = num_tiles > 0 and tiles_in_page_runs(level.kv, g.page_size, config.block_n)
         # a decode level whose segments all hold one token: as many tiles each (a compile-time constant of the
         # shape, so no new kernel variant per batch), found by division instead of a search
         same = kind == "decode" and len(set(tiles)) == 1 and tiles[0] > 0
+        if same and tiles[0] == 1 and _gluon.decode_takes(self.dtype, g.head_dim, g.group, g.page_size,
+                                                           self.options.window_left, self.options.softcap,
+                                                           self.device):
+            # the Gluon decode kernel's programs, where the caches allow it at run time (else the tl kernel's,
+            # with the same splits)
+            num_splits = _gluon.decode_splits(num_tiles * g.num_kv_heads, max_kv, num_sms(self.device))
+        else:
+            num_splits = choose_splits(num_tiles * g.num_kv_heads, max_kv, config.block_n, self.device,
+                                       config.waves, whole_rounds=kind == "prefill")
         return LevelLaunch(
             qo_indptr=level.qo_indptr,
             tile_indptr=torch.tensor(tile_indptr, dtype=torch.int32, device=self.device),

@@ -70,6 +70,13 @@ FUSED_CASES = {
     "fused-runs-d64-fp16-group8": ("fp16", dict(HEAD_DIM=64, PAGE_ROWS=64, GROUP=8)),
 }
 
+# name -> (dtype, constexprs): the Gluon decode kernel (``_decode_gluon.py``, four one-warp partitions) as
+# ``launch_attention`` launches it; two programs must fit an SM.
+DECODE_CASES = {
+    "gluon-decode-d128": ("bf16", dict(HEAD_DIM=128, GROUP=4, HAS_SINKS=False)),
+    "gluon-decode-d64-fp16-group8-sinks": ("fp16", dict(HEAD_DIM=64, GROUP=8, HAS_SINKS=True)),
+}
+
 
 def compile_case(name: str) -> dict:
     """Compile one case for sm_90; return its registers, spill bytes, shared memory and whether the KV
@@ -78,6 +85,8 @@ def compile_case(name: str) -> dict:
         return _compile_gluon(name)
     if name in FUSED_CASES:
         return _compile_fused(name)
+    if name in DECODE_CASES:
+        return _compile_decode(name)
     dtype, constexprs, num_warps, num_stages = CASES[name]
     const = {**_BASE, **constexprs}
     src = ASTSource(fn=_paged_attention_kernel, **_signature(_paged_attention_kernel, dtype, const))
@@ -112,6 +121,21 @@ def _compile_fused(name: str) -> dict:
     sig["signature"]["o_ptr"] = "*fp32"  # the split scratch
     src = GluonASTSource(fn=fn, **sig)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=_gluon.NUM_WARPS))
+    return _report(name, kernel)
+
+
+def _compile_decode(name: str) -> dict:
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from cascade_kernels import _gluon
+
+    dtype, constexprs = DECODE_CASES[name]
+    const = dict(CAUSAL=True, DECODE_TILES=1, PART_REGS=_gluon.DECODE_REGS, **constexprs)
+    const["STAGES"] = _gluon.DECODE_STAGES[const["HEAD_DIM"]]
+    fn = _gluon.decode_launcher().fn
+    src = GluonASTSource(fn=fn, **_signature(fn, dtype, const))
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=4, maxnreg=_gluon.DECODE_MAXNREG))
     return _report(name, kernel)
 
 
@@ -175,5 +199,5 @@ def _gluon_available() -> bool:
 
 
 if __name__ == "__main__":
-    for case in sys.argv[1:] or list(CASES) + (list(GLUON_CASES) + list(FUSED_CASES) if _gluon_available() else []):
+    for case in sys.argv[1:] or list(CASES) + (list(GLUON_CASES) + list(FUSED_CASES) + list(DECODE_CASES) if _gluon_available() else []):
         print(json.dumps(compile_case(case)), flush=True)

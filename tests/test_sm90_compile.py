@@ -13,7 +13,9 @@ subprocess without ``TRITON_INTERPRET``, and the test holds:
 * the Gluon kernel (where this triton has Gluon) compiles warp-specialized (a loader warp with fewer
   registers: ``setmaxnreg``), issuing one tensor copy a page, spilling at most a few scalars;
 * so does the fused shared-level + decode kernel (``_cascade_gluon.py``), within shared memory with its decode
-  warps' stages beside the shared level's.
+  warps' stages beside the shared level's;
+* and the Gluon decode kernel (``_decode_gluon.py``): warp-specialized, spilling at most a few scalars, and two programs an SM
+  (registers at launch and shared memory for two).
 """
 
 from __future__ import annotations
@@ -89,3 +91,18 @@ def test_fused_kernel_is_warp_specialized_within_shared_memory(compiled):
         r = compiled[case]
         assert r["warp_specialized"] and r["block_copies"] > 0 and r["row_copies"] == 0, r
         assert r["shared"] <= r["smem_limit"], r
+
+
+def test_gluon_decode_kernel_fits_two_programs_an_sm(compiled):
+    from cascade_kernels import _gluon
+
+    if _gluon.decode_launcher() is None:
+        pytest.skip("this triton has no Gluon with the parts the kernel uses")
+    per_sm_smem, reserved, registers = 233472, 1024, 65536  # an H100/H200 SM; the driver's share a program
+    for case in ("gluon-decode-d128", "gluon-decode-d64-fp16-group8-sinks"):
+        r = compiled[case]
+        assert r["warp_specialized"] and r["block_copies"] > 0 and r["row_copies"] == 0, r
+        assert r["stack_bytes"] is None or r["stack_bytes"] <= 64, r  # triton 3.9: a few scalars
+        programs = _gluon.DECODE_PROGRAMS_PER_SM
+        assert programs * (r["shared"] + reserved) <= per_sm_smem, r
+        assert r["registers"] is None or programs * 8 * 32 * r["registers"] <= registers, r

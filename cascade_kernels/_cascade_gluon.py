@@ -39,9 +39,9 @@ def _decode_requests(q_ptr, q_pos_ptr, qo_indptr_ptr, kv_indptr_ptr, kv_indices_
     the ``GROUP`` query heads of ``kv_head`` over the segment's whole KV (``_decode_gluon._decode_tiles``: tiles
     of two pages, copied ``STAGES`` ahead into ``k_smem``/``v_smem`` ``[STAGES, 2 * page_size, D]``, ``ready`` an
     mbarrier a stage); normalised ``o`` and natural-log ``lse`` into ``slot``."""
-    STAGES: gl.constexpr = k_smem.shape[0]
     BLOCK_N: gl.constexpr = k_smem.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.shape[2]
+    PAGE: gl.constexpr = BLOCK_N // 2  # pages of 16 (``_fused``): a constant, so a key's page is a shift
     it = 0  # tiles this warp has used so far: stage and phase of the next one
     for seg in range(first, num_segments, step):
         token = gl.load(qo_indptr_ptr + seg).to(gl.int64)
@@ -50,10 +50,10 @@ def _decode_requests(q_ptr, q_pos_ptr, qo_indptr_ptr, kv_indptr_ptr, kv_indices_
             q_pos = gl.load(q_pos_ptr + token)
             hi, _ = _causal_kv_range(q_pos, q_pos, hi, gl.load(kv_start_ptr + seg))
         n_tiles = gl.cdiv(hi, BLOCK_N)
-        last = gl.maximum(gl.cdiv(hi, page_size) - 1, 0)
+        last = gl.maximum(gl.cdiv(hi, PAGE) - 1, 0)
         pages = kv_indices_ptr + gl.load(kv_indptr_ptr + seg)
         q_lo, q_hi = _decode_q(q_ptr, token, kv_head, s_qt, s_qh, s_qd, GROUP, HEAD_DIM)
-        m_i, l_i, acc_lo, acc_hi = _decode_tiles(q_lo, q_hi, pages, last, page_size, hi, 0, 1, n_tiles, scale,
+        m_i, l_i, acc_lo, acc_hi = _decode_tiles(q_lo, q_hi, pages, last, PAGE, hi, 0, 1, n_tiles, scale,
                                                  k_desc, v_desc, k_smem, v_smem, ready, it)
         it += n_tiles
         _store_state(o_ptr, lse_ptr, lse_ptr, token, slot, kv_head, m_i, l_i, acc_lo, acc_hi,

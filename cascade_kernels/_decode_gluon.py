@@ -223,11 +223,12 @@ def _paged_decode_gluon(
     s_ot, s_oslot, s_oh, s_od,
     s_lt, s_lslot, s_lh,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-    HAS_SINKS: gl.constexpr, DECODE_TILES: gl.constexpr, PART_REGS: gl.constexpr,
+    HAS_SINKS: gl.constexpr, DECODE_TILES: gl.constexpr, PAGE_SIZE: gl.constexpr, PART_REGS: gl.constexpr,
 ):
     """Grid, arguments and outputs as ``_attention_kernel._paged_attention_kernel`` for a decode launch (at most
     one query token a segment; ``softcap`` and ``window_left`` unused: launches with those take the ``tl``
-    kernel). Launched with ``num_warps=4``: four one-warp worker partitions run the tiles, the program's own
+    kernel; ``PAGE_SIZE`` is ``page_size``, a constant so that a key's page and slot are shifts).
+    Launched with ``num_warps=4``: four one-warp worker partitions run the tiles, the program's own
     warpgroup waits for them and merges."""
     PARTS: gl.constexpr = 4
     BLOCK_N: gl.constexpr = BOX
@@ -252,11 +253,11 @@ def _paged_decode_gluon(
         t_lo = gl.minimum(split * per, n_all)
         t_hi = gl.minimum(t_lo + per, n_all)
         pages = kv_indices_ptr + gl.load(kv_indptr_ptr + seg)
-        last = gl.maximum(gl.cdiv(hi, page_size) - 1, 0)
+        last = gl.maximum(gl.cdiv(hi, PAGE_SIZE) - 1, 0)
         box_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        k_desc = tma.make_tensor_descriptor(k_ptr + kv_head.to(gl.int64) * s_kh, shape=[num_pages * page_size, HEAD_DIM],
+        k_desc = tma.make_tensor_descriptor(k_ptr + kv_head.to(gl.int64) * s_kh, shape=[num_pages * PAGE_SIZE, HEAD_DIM],
                                             strides=[s_ks, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=box_layout)
-        v_desc = tma.make_tensor_descriptor(v_ptr + kv_head.to(gl.int64) * s_vh, shape=[num_pages * page_size, HEAD_DIM],
+        v_desc = tma.make_tensor_descriptor(v_ptr + kv_head.to(gl.int64) * s_vh, shape=[num_pages * PAGE_SIZE, HEAD_DIM],
                                             strides=[s_vs, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=box_layout)
         k0 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], box_layout)
         v0 = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], box_layout)
@@ -282,16 +283,16 @@ def _paged_decode_gluon(
         scale = qk_scale * LOG2E
         gl.warp_specialize([
             (_await_states, (done.index(0),)),
-            (_decode_part, (q_ptr, pages, last, page_size, hi, t_lo, t_hi, token, kv_head, scale, k_desc, v_desc,
+            (_decode_part, (q_ptr, pages, last, PAGE_SIZE, hi, t_lo, t_hi, token, kv_head, scale, k_desc, v_desc,
                             k0, v0, r0, m_smem, l_smem, lo_smem, hi_smem, done.index(0), 0,
                             s_qt, s_qh, s_qd, GROUP, PARTS)),
-            (_decode_part, (q_ptr, pages, last, page_size, hi, t_lo, t_hi, token, kv_head, scale, k_desc, v_desc,
+            (_decode_part, (q_ptr, pages, last, PAGE_SIZE, hi, t_lo, t_hi, token, kv_head, scale, k_desc, v_desc,
                             k1, v1, r1, m_smem, l_smem, lo_smem, hi_smem, done.index(0), 1,
                             s_qt, s_qh, s_qd, GROUP, PARTS)),
-            (_decode_part, (q_ptr, pages, last, page_size, hi, t_lo, t_hi, token, kv_head, scale, k_desc, v_desc,
+            (_decode_part, (q_ptr, pages, last, PAGE_SIZE, hi, t_lo, t_hi, token, kv_head, scale, k_desc, v_desc,
                             k2, v2, r2, m_smem, l_smem, lo_smem, hi_smem, done.index(0), 2,
                             s_qt, s_qh, s_qd, GROUP, PARTS)),
-            (_decode_part, (q_ptr, pages, last, page_size, hi, t_lo, t_hi, token, kv_head, scale, k_desc, v_desc,
+            (_decode_part, (q_ptr, pages, last, PAGE_SIZE, hi, t_lo, t_hi, token, kv_head, scale, k_desc, v_desc,
                             k3, v3, r3, m_smem, l_smem, lo_smem, hi_smem, done.index(0), 3,
                             s_qt, s_qh, s_qd, GROUP, PARTS)),
         ], [1, 1, 1, 1], [PART_REGS, PART_REGS, PART_REGS, PART_REGS])

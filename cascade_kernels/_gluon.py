@@ -109,9 +109,14 @@ def page_rows(q, k_cache, v_cache, head_dim, block_m, window_left, softcap, has_
 
 
 def decode_takes(dtype: torch.dtype, head_dim: int, group: int, page_size: int, window_left, softcap,
-                 device: torch.device) -> bool:
-    """Whether a decode launch of this shape (every segment one query token) takes the Gluon decode kernel,
-    its caches permitting (``decode_caches_ok``); known when a plan is made."""
+                 device: torch.device, num_programs: int, num_sms: int) -> bool:
+    """Whether a decode launch of this shape (every segment one query token; ``num_programs``: segments x KV
+    heads) takes the Gluon decode kernel, its caches permitting (``decode_caches_ok``); known when a plan is
+    made. Only batches whose programs fit one round of it (two an SM): on an H200 it was 1.02x the ``tl``
+    kernel at (32, 4096) and 1.01x at (32, 32768) (one split instead of three, no merge launch), level at
+    (1, 131072), and 0.99-1.0x where several rounds run (128 and 256 requests: 1024-2048 programs)."""
+    if num_programs > DECODE_PROGRAMS_PER_SM * num_sms:
+        return False
     if interpreting() or dtype not in (torch.float16, torch.bfloat16) or head_dim not in DECODE_STAGES:
         return False
     if group > 8 or page_size % 16 or window_left is not None or softcap is not None:

@@ -223,12 +223,13 @@ def launch_attention(
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         s_ot, s_oslot, s_oh, s_od, s_lt, s_lslot, s_lh,
     )
-    if decode_tiles == 1 and gluon_decode(q, k_cache, v_cache, geometry, options):
+    if decode_tiles == 1 and gluon_decode(q, k_cache, v_cache, geometry, options, num_tiles):
         ensure_allocator()
         _gluon.decode_launcher()(
             grid, *args, GROUP=geometry.group, HEAD_DIM=geometry.head_dim,
             STAGES=_gluon.DECODE_STAGES[geometry.head_dim], CAUSAL=options.causal, HAS_SINKS=has_sinks,
-            DECODE_TILES=1, PART_REGS=_gluon.DECODE_REGS, num_warps=4, maxnreg=_gluon.DECODE_MAXNREG,
+            DECODE_TILES=1, PAGE_SIZE=geometry.page_size, PART_REGS=_gluon.DECODE_REGS, num_warps=4,
+            maxnreg=_gluon.DECODE_MAXNREG,
         )
         return
     # runs of the config's tiles are runs of the Gluon kernel's 128-key tiles where those nest in them
@@ -259,10 +260,12 @@ def launch_attention(
     )
 
 
-def gluon_decode(q, k_cache, v_cache, geometry, options) -> bool:
-    """Whether a decode launch (one query token a segment, one work tile each) takes the Gluon decode kernel."""
+def gluon_decode(q, k_cache, v_cache, geometry, options, num_segments) -> bool:
+    """Whether a decode launch of ``num_segments`` (one query token and one work tile each) takes the Gluon
+    decode kernel."""
     return (_gluon.decode_takes(q.dtype, geometry.head_dim, geometry.group, geometry.page_size,
-                                options.window_left, options.softcap, q.device)
+                                options.window_left, options.softcap, q.device,
+                                num_segments * geometry.num_kv_heads, num_sms(q.device))
             and _gluon.decode_caches_ok(k_cache, v_cache))
 
 
@@ -387,7 +390,7 @@ def paged_decode(q, q_pos, k_cache, v_cache, kv, *, causal=True, sm_scale=None, 
     qo_indptr, tile_indptr = decode_indptrs(num_segments, tiles_per_token, q.device)
     if num_splits is None:
         max_kv = kv.indices.numel() * geometry.page_size
-        if tiles_per_token == 1 and gluon_decode(q, k_cache, v_cache, geometry, options):
+        if tiles_per_token == 1 and gluon_decode(q, k_cache, v_cache, geometry, options, num_segments):
             num_splits = _gluon.decode_splits(num_segments * geometry.num_kv_heads, max_kv, num_sms(q.device))
         else:
             num_splits = choose_splits(num_segments * tiles_per_token * geometry.num_kv_heads, max_kv,

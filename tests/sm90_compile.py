@@ -130,7 +130,7 @@ def _compile_decode(name: str) -> dict:
     from cascade_kernels import _gluon
 
     dtype, constexprs = DECODE_CASES[name]
-    const = dict(CAUSAL=True, DECODE_TILES=1, PART_REGS=_gluon.DECODE_REGS, **constexprs)
+    const = dict(CAUSAL=True, DECODE_TILES=1, PAGE_SIZE=16, PART_REGS=_gluon.DECODE_REGS, **constexprs)
     const["STAGES"] = _gluon.DECODE_STAGES[const["HEAD_DIM"]]
     fn = _gluon.decode_launcher().fn
     src = GluonASTSource(fn=fn, **_signature(fn, dtype, const))

@@ -153,12 +153,12 @@ def test_which_decode_launches_take_the_gluon_kernel(monkeypatch):
     monkeypatch.delenv("CASCADE_KERNELS_GLUON", raising=False)
     device = torch.device(DEVICE)
 
-    def takes(dtype=torch.bfloat16, dim=128, group=4, page=16, window=None, softcap=None):
-        return _gluon.decode_takes(dtype, dim, group, page, window, softcap, device)
+    def takes(dtype=torch.bfloat16, dim=128, group=4, page=16, window=None, softcap=None, programs=256):
+        return _gluon.decode_takes(dtype, dim, group, page, window, softcap, device, programs, 132)
 
     assert takes() and takes(dim=64, dtype=torch.float16) and takes(group=8) and takes(group=1)
-    assert takes(page=32) and takes(page=256)
-    for kwargs in (dict(dtype=torch.float32), dict(dim=96), dict(dim=256), dict(group=16), dict(page=8),
+    assert takes(page=32) and takes(page=256) and takes(programs=264) and takes(programs=1)
+    for kwargs in (dict(programs=265), dict(programs=1024), dict(dtype=torch.float32), dict(dim=96), dict(dim=256), dict(group=16), dict(page=8),
                    dict(page=24), dict(window=0), dict(softcap=30.0)):
         assert not takes(**kwargs), kwargs
     nhd = torch.empty(8, 16, 2, 128, dtype=torch.bfloat16, device=DEVICE)

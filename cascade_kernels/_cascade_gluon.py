@@ -12,8 +12,8 @@ A decode warp takes whole requests: program ``pid`` serves KV head ``pid % num_k
 head); among the ``P / H`` programs of that head, the ``r``-th one's warp ``w`` takes requests ``2r + w``, then
 every ``2P / H``-th after it, and writes each one's state over its own KV into slot ``d_slot`` (one split); the
 plan's merge folds every slot as before. Its tiles are two pages, copied ``DECODE_STAGES`` ahead by block copies
-into shared memory of its own, and computed transposed (``_decode_requests``). Measured on an H200 (NOTES.md,
-cascade v15-v17): 1.02-1.22x the two launches one after the other where ``_fused`` lets it run; the kernel is then
+into shared memory of its own, and computed transposed (``_decode_requests``, on the Gluon decode kernel's tile
+loop, ``_decode_gluon._decode_tiles``). Measured on an H200 (NOTES.md, cascade v15-v18): 1.02-1.22x the two launches one after the other where ``_fused`` lets it run; the kernel is then
 bound by what both parts read through L2, and the shared memory is split evenly between the shared level's K/V
 stages and the decode warps' tiles (three of each: 96 KB each at head_dim 128).
 """

@@ -1,7 +1,8 @@
 """Paged prefill and paged decode: argument checks, launch decisions, and the launch itself.
 
 Both entry points run the kernel in ``_attention_kernel.py`` (on Hopper, most prefill tiles take its Gluon
-counterpart, ``_attention_gluon.py``; ``_gluon.py`` says when). They differ
+counterpart, ``_attention_gluon.py``, and decode batches of up to one round of programs the Gluon decode kernel,
+``_decode_gluon.py``; ``_gluon.py`` says when). They differ
 only in the tile shape (prefill packs many query tokens into a tile, decode one token times its GQA group)
 and in how the KV of a segment is split across programs (decode splits long segments so a small batch
 still fills the GPU).

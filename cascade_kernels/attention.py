@@ -263,8 +263,9 @@ def launch_attention(
 
 def gluon_decode(q, k_cache, v_cache, geometry, options, num_segments) -> bool:
     """Whether a decode launch of ``num_segments`` (one query token and one work tile each) takes the Gluon
-    decode kernel."""
-    return (_gluon.decode_takes(q.dtype, geometry.head_dim, geometry.group, geometry.page_size,
+    decode kernel (not while a decode config is pinned: that asks for the ``tl`` kernel's tile)."""
+    return (not _configs.is_pinned("decode")
+            and _gluon.decode_takes(q.dtype, geometry.head_dim, geometry.group, geometry.page_size,
                                 options.window_left, options.softcap, q.device,
                                 num_segments * geometry.num_kv_heads, num_sms(q.device))
             and _gluon.decode_caches_ok(k_cache, v_cache))

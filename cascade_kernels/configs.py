@@ -137,6 +137,12 @@ def pinned_config(family: str, config: _attention.TileConfig) -> Iterator[None]:
             _PINNED[family] = previous
 
 
+def is_pinned(family: str) -> bool:
+    """Whether ``pinned_config`` holds a config for ``family`` now: its launches then take the ``tl`` kernel with
+    that tile, not a Gluon kernel of fixed shape (so that the tuning script times the candidate it names)."""
+    return family in _PINNED
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Names: devices, files, buckets
 

@@ -5,9 +5,9 @@ one block instead of gathering its rows. Held here, on layouts drawn by hypothes
 256 slots (a multiple of every KV tile the configs use, so every tile is page-aligned):
 
 * prefill and decode equal the float64 reference, with the block-copy path taken (on the GPU only where
-  it has a tensor memory accelerator, by the Gluon kernel where that takes the launch; always under the
+  it has a tensor memory accelerator, by the Gluon kernels where they take the launch; always under the
   interpreter), unused slots NaN;
-* the same problems through the row-gather path (block copies turned off) agree within rounding;
+* the same problems through the row-gather path (block copies and the Gluon kernels turned off) agree within rounding;
 
 and, directly, which caches qualify: NHD yes; HND views, halves of a fused cache, misaligned bases,
 page sizes that are not multiples of the tile, prefetching configs no.
@@ -50,16 +50,27 @@ def _check_both_paths(p, kernel, ref, args, launches_expected: bool):
             answers.append((True, True))
         return rows
 
+    real_decode = attention.gluon_decode
+
+    def decode_spy(*args):  # so does a launch the Gluon decode kernel takes
+        taken = real_decode(*args)
+        if taken:
+            answers.append((True, True))
+        return taken
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention, "tma_usable", spy)
         mp.setattr(_gluon, "page_rows", rows_spy)
+        mp.setattr(attention, "gluon_decode", decode_spy)
         dirty_device_memory()
         fast = kernel(*args, **p.options)
     check_outputs(*fast, ref(*args, **p.options), p.q, msg=repr(p))
     if launches_expected:
         assert answers and all(used == expected for used, expected in answers), answers
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:  # the tl kernel's row gathers
         mp.setattr(attention, "tma_usable", lambda *a, **k: False)
+        mp.setattr(_gluon, "page_rows", lambda *a, **k: 0)
+        mp.setattr(attention, "gluon_decode", lambda *a, **k: False)
         gathered = kernel(*args, **p.options)
     check_same(fast, gathered, p.dtype, msg=repr(p))
 

@@ -11,7 +11,8 @@ sinks, outputs poisoned before the launch):
 * the same problems through the ``tl`` kernel (``CASCADE_KERNELS_GLUON=0``) agree within rounding;
 * a cascade plan's decode level takes it, and the plan replays in a CUDA graph with new inputs;
 
-and, on any device, which launches qualify and how many splits it takes.
+and, on any device, which launches qualify (none while a decode config is pinned, as the tuning script does) and
+how many splits it takes.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from hypothesis import strategies as st
 
 import cascade_kernels as ck
 import reference
-from cascade_kernels import _gluon
+from cascade_kernels import _gluon, attention
 from cascade_kernels._triton import interpreting
+from cascade_kernels.attention import TileConfig
+from cascade_kernels.configs import pinned_config
 from conftest import DEVICE
 from strategies import decode_problem
 from test_prefill import check_outputs, check_same, dirty_device_memory, fewer
@@ -170,6 +173,23 @@ def test_which_decode_launches_take_the_gluon_kernel(monkeypatch):
     monkeypatch.delenv("CASCADE_KERNELS_GLUON")
     monkeypatch.setattr(_gluon, "_is_hopper", lambda device: False)
     assert not takes()
+
+
+def test_a_pinned_decode_config_keeps_the_tl_kernel(monkeypatch):
+    """The tuning script times decode tiles under ``pinned_config``: those launches, and plans made then, must take
+    the ``tl`` kernel with that tile (a Hopper GPU with a Gluon launcher stood in, as above)."""
+    monkeypatch.setattr(_gluon, "interpreting", lambda: False)
+    monkeypatch.setattr(_gluon, "_is_hopper", lambda device: True)
+    monkeypatch.setattr(_gluon, "decode_launcher", lambda: object())
+    monkeypatch.delenv("CASCADE_KERNELS_GLUON", raising=False)
+    geometry = attention.Geometry(8, 2, 128, 16, 8)
+    options = attention.Options(True, 128 ** -0.5, None, None, None)
+    cache = torch.empty(8, 16, 2, 128, dtype=torch.bfloat16, device=DEVICE)
+    q = torch.empty(2, 8, 128, dtype=torch.bfloat16, device=DEVICE)
+    assert attention.gluon_decode(q, cache, cache, geometry, options, 2)
+    with pinned_config("decode", TileConfig(16, 16, 1, 6)):
+        assert not attention.gluon_decode(q, cache, cache, geometry, options, 2)
+    assert attention.gluon_decode(q, cache, cache, geometry, options, 2)
 
 
 def test_gluon_decode_splits():

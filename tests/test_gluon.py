@@ -58,12 +58,12 @@ class _Counting:
 
 
 @contextlib.contextmanager
-def counting_launches():
-    """``_gluon.launcher()`` replaced by a counting wrapper for the block (not a pytest fixture: hypothesis
-    runs every example of a test inside one call)."""
-    counting = _Counting(_gluon.launcher())
+def counting_launches(name: str = "launcher"):
+    """``_gluon.<name>()`` (the prefill kernel's launcher, or ``decode_launcher``) replaced by a counting wrapper
+    for the block (not a pytest fixture: hypothesis runs every example of a test inside one call)."""
+    counting = _Counting(getattr(_gluon, name)())
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_gluon, "launcher", lambda: counting)
+        mp.setattr(_gluon, name, lambda: counting)
         yield counting
 
 

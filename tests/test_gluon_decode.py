@@ -17,8 +17,6 @@ how many splits it takes.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from hypothesis import assume, given
@@ -32,6 +30,7 @@ from cascade_kernels.attention import TileConfig
 from cascade_kernels.configs import pinned_config
 from conftest import DEVICE
 from strategies import decode_problem
+from test_gluon import counting_launches as counting_gluon_launches
 from test_prefill import check_outputs, check_same, dirty_device_memory, fewer
 
 HOPPER = DEVICE == "cuda" and not interpreting() and torch.cuda.get_device_capability()[0] == 9
@@ -49,22 +48,9 @@ def _options(p) -> dict:
     return {k: v for k, v in p.options.items() if k in ("causal", "sm_scale", "sinks")}
 
 
-class _Counting:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.inner(*args, **kwargs)
-
-
-@contextlib.contextmanager
 def counting_launches():
     """``_gluon.decode_launcher()`` replaced by a counting wrapper for the block."""
-    counting = _Counting(_gluon.decode_launcher())
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_gluon, "decode_launcher", lambda: counting)
-        yield counting
+    return counting_gluon_launches("decode_launcher")
 
 
 @needs_hopper

@@ -6,7 +6,7 @@ keys (a block copy each from one page) are dealt round-robin to ``PARTS`` one-wa
 specialization); each runs its own ``STAGES``-deep ring of shared-memory tiles behind its own mbarriers, so no
 warp ever waits for another inside the loop (the ``tl`` kernel's multi-warp program had two CTA-wide barriers
 a tile, NOTES.md decode v11). At the end each partition leaves its online-softmax state (max, sum, unnormalised
-``O^T``) in shared memory and arrives on one mbarrier; the program's own warp merges the ``PARTS`` states and
+``O^T``) in shared memory and arrives on one mbarrier; the program's own warpgroup merges the ``PARTS`` states and
 writes ``o`` and ``lse`` (with the sinks where it writes the final output), so a split of one needs no merge
 launch: at (batch 32, 4096 tokens) one 4-warp program a (request, KV head), as FlashInfer's decode, instead of
 three one-warp programs and a merge.
@@ -16,8 +16,10 @@ transposed, so the few query heads are the MMA's narrow side (``S^T = K Q^T`` ``
 ``[D, 8]`` on ``mma_v2``), in two halves of the head dims so that no operand holds more than 32 registers.
 
 What it handles: Hopper, fp16/bf16, head_dim 64 or 128, GQA groups of up to 8, pages of a multiple of 16
-tokens in a cache whose pages are row-contiguous (NHD), causal or not, sinks; no window or soft cap. Which
-launches take it is ``_gluon.decode_parts``'s decision; the rest take the ``tl`` kernel.
+tokens in a cache whose pages are row-contiguous (NHD), causal or not, sinks; no window or soft cap; batches
+whose (request, KV head) pairs fit one round of programs (two an SM). Which launches take it is
+``_gluon.decode_takes``'s and ``decode_caches_ok``'s decision; the rest take the ``tl`` kernel. Measured on an
+H200 (NOTES.md decode v14): 1.005-1.02x FlashInfer's tensor-core decode at batch 32 and at (1, 131072).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def _mma_layout(num_warps):
 @gluon.jit
 def _tile_rows(pages, last, page_size, key0, BOXES: gl.constexpr):
     """Cache rows of the (one or two) 16-key boxes of the tile starting at key ``key0``; a box past the
-    segment's last page (``last``: its page-table entry) reads that page instead (its keys are masked)."""
+    segment's last page (``last``: its page-table entry) reads that page instead (its keys are masked).
+    ``page_size`` should be a constant: as a runtime value its division on this path cost the fused kernel 12-30%
+    (NOTES.md cascade v18)."""
     row0 = gl.load(pages + gl.minimum(key0 // page_size, last)) * page_size + key0 % page_size
     row1 = row0
     if BOXES == 2:

@@ -47,7 +47,6 @@ MIN_PAGE = 8  # rows of one block copy: eight 16-byte rows at least
 # The decode kernel: two programs an SM (8 warps each: 4 partitions beside the program's own warpgroup), each
 # partition with this many 16-key K/V tiles in flight (96 KB of shared memory a program) and these registers.
 DECODE_STAGES = {64: 6, 128: 3}
-DECODE_PARTS = 4
 DECODE_REGS = 128
 DECODE_MAXNREG = 128  # registers a thread at launch: 2 x 256 threads x 128 fill the register file
 DECODE_PROGRAMS_PER_SM = 2

@@ -261,13 +261,18 @@ def launch_attention(
     )
 
 
-def gluon_decode(q, k_cache, v_cache, geometry, options, num_segments) -> bool:
+def takes_gluon_decode(dtype, geometry, options, device, num_segments) -> bool:
     """Whether a decode launch of ``num_segments`` (one query token and one work tile each) takes the Gluon
-    decode kernel (not while a decode config is pinned: that asks for the ``tl`` kernel's tile)."""
-    return (not _configs.is_pinned("decode")
-            and _gluon.decode_takes(q.dtype, geometry.head_dim, geometry.group, geometry.page_size,
-                                options.window_left, options.softcap, q.device,
-                                num_segments * geometry.num_kv_heads, num_sms(q.device))
+    decode kernel, its caches permitting (``gluon_decode``): known when a plan is made. Never while a decode
+    config is pinned: that asks for the ``tl`` kernel's tile."""
+    return not _configs.is_pinned("decode") and _gluon.decode_takes(
+        dtype, geometry.head_dim, geometry.group, geometry.page_size, options.window_left, options.softcap, device,
+        num_segments * geometry.num_kv_heads, num_sms(device))
+
+
+def gluon_decode(q, k_cache, v_cache, geometry, options, num_segments) -> bool:
+    """``takes_gluon_decode`` for this launch, and these caches allow it."""
+    return (takes_gluon_decode(q.dtype, geometry, options, q.device, num_segments)
             and _gluon.decode_caches_ok(k_cache, v_cache))
 
 

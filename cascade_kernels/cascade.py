@@ -34,6 +34,7 @@ from .attention import (
     choose_splits,
     launch_attention,
     num_sms,
+    takes_gluon_decode,
 )
 from ._launch import layout_key, recording
 from ._tma import ensure_allocator
@@ -153,10 +154,7 @@ class CascadePlan:
         # a decode level whose segments all hold one token: as many tiles each (a compile-time constant of the
         # shape, so no new kernel variant per batch), found by division instead of a search
         same = kind == "decode" and len(set(tiles)) == 1 and tiles[0] > 0
-        gluon = same and tiles[0] == 1 and not _configs.is_pinned("decode") and _gluon.decode_takes(
-            self.dtype, g.head_dim, g.group, g.page_size, self.options.window_left, self.options.softcap,
-            self.device, num_tiles * g.num_kv_heads, num_sms(self.device))
-        if gluon:
+        if same and tiles[0] == 1 and takes_gluon_decode(self.dtype, g, self.options, self.device, num_tiles):
             # the Gluon decode kernel's programs, where the caches allow it at run time (else the tl kernel's,
             # with the same splits)
             num_splits = _gluon.decode_splits(num_tiles * g.num_kv_heads, max_kv, num_sms(self.device))

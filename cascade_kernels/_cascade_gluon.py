@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import tma
 
 from ._attention_kernel import _causal_kv_range
 from ._attention_gluon import LOG2E, _consume_rows, _invalidate, _load_operand, _program_work, _stage_barriers
-from ._decode_gluon import _decode_q, _decode_tiles, _store_state
+from ._decode_gluon import _decode_q, _decode_tiles, _ready_barriers, _store_state
 
 
 @gluon.jit
@@ -117,11 +117,8 @@ def _cascade_fused_gluon(
     dk_smem1 = gl.allocate_shared_memory(dtype, [DS, 32, HEAD_DIM], dbox_layout)
     dv_smem1 = gl.allocate_shared_memory(dtype, [DS, 32, HEAD_DIM], dbox_layout)
     k_ready, v_ready, k_empty, v_empty, turn = _stage_barriers(STAGES)
-    d_ready0 = gl.allocate_shared_memory(gl.int64, [DS, 1], mbarrier.MBarrierLayout())
-    d_ready1 = gl.allocate_shared_memory(gl.int64, [DS, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(DS):
-        mbarrier.init(d_ready0.index(i), count=1)
-        mbarrier.init(d_ready1.index(i), count=1)
+    d_ready0 = _ready_barriers(DS)
+    d_ready1 = _ready_barriers(DS)
     scale = qk_scale * LOG2E
     slot = (slot_offset + split).to(gl.int64)
     d_slot64 = d_slot.to(gl.int64)

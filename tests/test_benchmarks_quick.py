@@ -129,3 +129,24 @@ def test_quick_run_every_suite_with_reference_stand_ins(tmp_path):
     for r in rows:
         if r["impl"] != "ours":
             assert r["x_ours"] is not None, r
+
+
+L2_READ = r"""
+import torch
+from benchmarks.l2_traffic import _l2_read_kernel, expected_sums
+n_chunks, chunk, grid, passes = 5, 64, 7, 3
+x = torch.rand(n_chunks * chunk)
+out = torch.full((grid,), float("nan"))
+_l2_read_kernel[(grid,)](x, out, n_chunks, PASSES=passes, CHUNK=chunk, BLOCK=32)
+torch.testing.assert_close(out.double(), expected_sums(x, n_chunks, grid, passes), rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_l2_read_kernel_reads_what_it_says():
+    """The L2 read-rate kernel of ``benchmarks.l2_traffic`` sums the chunks its docstring names (so the bytes it
+    is credited with were read)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", L2_READ], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -8,8 +8,8 @@ tiles a KV head x its longest segment's K and V, all KV heads), that over the ti
 L2 read ceiling measured first: a kernel whose programs read an L2-resident buffer (``.cg`` loads, L1
 bypassed) chunk after chunk in a scattered order, as many SMs read one prefix tile. Where the plan fuses its
 shared and decode levels (``_fused``), a second table times the fused kernel alone (no merge), and again with
-the decode level's segments taken away (its shared part alone) and with the shared level's taken away (its
-decode part alone): how much of the two parts' time the one launch overlaps.
+the decode level's keys taken away (its shared part alone) and with the shared level's taken away (its decode
+part alone): how much of the two parts' time the one launch overlaps.
 
 Needs a GPU (the shared level's plans differ without one). Timing: ``triton.testing.do_bench`` medians, L2
 flushed before each call.
@@ -80,10 +80,12 @@ def plan_l2_bytes(plan, itemsize: int = 2) -> int:
     return sum(lv.num_tiles * lv.max_kv_len * g.num_kv_heads * g.head_dim * 2 * itemsize for lv in plan.launches)
 
 
-def _without_segments(launch):
-    """``launch`` (a plan's ``LevelLaunch``) with no segments: the fused kernel then skips that level's work."""
+def _without_keys(launch):
+    """``launch`` (a plan's ``LevelLaunch``) with every segment holding no keys: the fused kernel then reads
+    nothing of that level and only writes its empty states (no segments at all would hand it empty tensors,
+    whose null data pointers it dereferences)."""
     kv = launch.kv
-    return replace(launch, kv=ck.PagedKV(kv.indptr[:1], kv.indices, kv.lens[:0], kv.start_pos[:0]))
+    return replace(launch, kv=ck.PagedKV(kv.indptr, kv.indices, torch.zeros_like(kv.lens), kv.start_pos))
 
 
 def fused_part_us(plan, data) -> dict:
@@ -97,8 +99,8 @@ def fused_part_us(plan, data) -> dict:
     rows = _fused.page_rows(q, k, v, plan.geometry, shared)
     if not rows:
         return {}
-    parts = {"fused kernel": (shared, decode), "shared part alone": (shared, _without_segments(decode)),
-             "decode part alone": (_without_segments(shared), decode)}
+    parts = {"fused kernel": (shared, decode), "shared part alone": (shared, _without_keys(decode)),
+             "decode part alone": (_without_keys(shared), decode)}
     times = {}
     for name, (sh, de) in parts.items():
         def fn(sh=sh, de=de):

@@ -110,10 +110,22 @@ def fused_part_us(plan, data) -> dict:
     return times
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--read-tbps", type=float, default=4.68, help="the DRAM read ceiling, TB/s")
+    parser.add_argument("--read-tbps", type=_positive_float, default=4.68, help="the DRAM read ceiling, TB/s")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (the plans and the L2 read rate are measured there)")
     ck.set_validation(False)
     l2 = max(l2_read_bandwidth(mb) for mb in (8, 16, 32))
     print(f"L2 read ceiling: {l2 / 1e12:.2f} TB/s (best of 8, 16, 32 MB buffers)", flush=True)

@@ -139,13 +139,22 @@ x = torch.rand(n_chunks * chunk)
 out = torch.full((grid,), float("nan"))
 _l2_read_kernel[(grid,)](x, out, n_chunks, PASSES=passes, CHUNK=chunk, BLOCK=32)
 torch.testing.assert_close(out.double(), expected_sums(x, n_chunks, grid, passes), rtol=1e-5, atol=1e-5)
+from benchmarks.l2_traffic import main
+for argv in (["--read-tbps", "0"], ["--read-tbps", "nan"], ["--read-tbps", "fast"], []):  # [] : no GPU here
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == 2, (argv, e.code)
+    else:
+        raise AssertionError(f"{argv} was accepted")
 print("ok")
 """
 
 
 def test_l2_read_kernel_reads_what_it_says():
     """The L2 read-rate kernel of ``benchmarks.l2_traffic`` sums the chunks its docstring names (so the bytes it
-    is credited with were read)."""
+    is credited with were read), and its command line refuses a ceiling that is not a positive number and a machine
+    without a GPU with a usage error."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", L2_READ], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
